@@ -1,0 +1,163 @@
+"""Checkpoint folders: detect the format, read the settings training needs, load model and tokenizer.
+
+Two formats exist:
+- "hf": transformers-native `InternVLForConditionalGeneration` (config `model_type: internvl`), e.g.
+  `OpenGVLab/InternVL3-1B-hf`, and the tiny demo model.
+- "original": the remote-code `InternVLChatModel` (config `model_type: internvl_chat`), e.g.
+  `OpenGVLab/InternVL3-8B`. It is converted on load by our own key/config mapping (`convert.py`);
+  no checkpoint code is ever run.
+
+`inspect_checkpoint` reads only config and processor files, so data tools can use it without weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import CheckpointError
+from .constants import IMG_CONTEXT_TOKEN, NORMALIZE
+
+
+@dataclass
+class CheckpointInfo:
+    """What the data pipeline and the LoRA setup need to know about a checkpoint."""
+
+    path: str
+    format: str  # "hf" | "original"
+    template: str
+    tile_size: int
+    tokens_per_tile: int
+    max_dynamic_patch: int
+    min_dynamic_patch: int
+    use_thumbnail: bool
+    dynamic_image_size: bool
+    normalize_type: str
+    llm_type: str  # text model_type after conversion: qwen2, qwen3, llama, ...
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -hf checkpoints carry no template name. The official scripts train every InternVL2.5 / 3 / 3.5
+# model with `internvl2_5`, and the GPT-OSS variant with its own template; the -hf releases are of
+# those families only (InternVL2 was never converted upstream).
+HF_TEMPLATE_BY_LLM = {"gpt_oss": "internvl3_5_gpt_oss"}
+HF_DEFAULT_TEMPLATE = "internvl2_5"
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found; is this a checkpoint folder?") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def detect_format(path: str | Path) -> str:
+    cfg = read_json(Path(path) / "config.json")
+    model_type = cfg.get("model_type")
+    if model_type == "internvl":
+        return "hf"
+    if model_type == "internvl_chat":
+        return "original"
+    raise CheckpointError(
+        f"{Path(path) / 'config.json'}: model_type {model_type!r} is not an InternVL checkpoint "
+        "(expected 'internvl' for -hf checkpoints or 'internvl_chat' for original ones)"
+    )
+
+
+def _normalize_type(mean) -> str:
+    for name, (m, _) in NORMALIZE.items():
+        if mean is not None and all(abs(a - b) < 1e-4 for a, b in zip(mean, m)):
+            return name
+    return "imagenet"
+
+
+def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a folder; give the path of a checkpoint folder")
+    fmt = detect_format(path)
+    cfg = read_json(path / "config.json")
+    if fmt == "hf":
+        vision = cfg.get("vision_config", {})
+        image_size = vision.get("image_size", 448)
+        patch = vision.get("patch_size", 14)
+        image_size = image_size[0] if isinstance(image_size, list) else image_size
+        patch = patch[0] if isinstance(patch, list) else patch
+        ratio = cfg.get("downsample_ratio", 0.5)
+        tokens = int((image_size // patch) ** 2 * ratio**2)
+        proc_path = path / "preprocessor_config.json"
+        proc = read_json(proc_path) if proc_path.exists() else {}
+        llm_type = cfg.get("text_config", {}).get("model_type", "qwen2")
+        return CheckpointInfo(
+            path=str(path), format="hf",
+            template=HF_TEMPLATE_BY_LLM.get(llm_type, HF_DEFAULT_TEMPLATE),
+            tile_size=int(proc.get("size", {}).get("height", image_size)),
+            tokens_per_tile=tokens,
+            max_dynamic_patch=int(proc.get("max_patches", 12)),
+            min_dynamic_patch=int(proc.get("min_patches", 1)),
+            use_thumbnail=True,
+            dynamic_image_size=bool(proc.get("crop_to_patches", True)),
+            normalize_type=_normalize_type(proc.get("image_mean")),
+            llm_type=llm_type,
+        )
+    from .convert import original_llm_type
+
+    image_size = int(cfg.get("force_image_size") or cfg.get("vision_config", {}).get("image_size", 448))
+    patch = int(cfg.get("vision_config", {}).get("patch_size", 14))
+    ratio = float(cfg.get("downsample_ratio", 0.5))
+    return CheckpointInfo(
+        path=str(path), format="original",
+        template=cfg.get("template") or HF_DEFAULT_TEMPLATE,
+        tile_size=image_size,
+        tokens_per_tile=int((image_size // patch) ** 2 * ratio**2),
+        max_dynamic_patch=int(cfg.get("max_dynamic_patch", 12)),
+        min_dynamic_patch=int(cfg.get("min_dynamic_patch", 1)),
+        use_thumbnail=bool(cfg.get("use_thumbnail", True)),
+        dynamic_image_size=bool(cfg.get("dynamic_image_size", True)),
+        normalize_type="imagenet",
+        llm_type=original_llm_type(cfg),
+    )
+
+
+def load_tokenizer(path: str | Path):
+    """The checkpoint's tokenizer, without remote code; checks the InternVL special tokens are there."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if detect_format(path) == "original":
+        from .convert import load_original_tokenizer
+
+        tokenizer = load_original_tokenizer(path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN) in (None, tokenizer.unk_token_id):
+        raise CheckpointError(f"{path}: the tokenizer has no {IMG_CONTEXT_TOKEN} token; is this an InternVL checkpoint?")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str | Path, dtype=None, device: str | None = None):
+    """An `InternVLForConditionalGeneration` from either format."""
+    import torch
+    from transformers import InternVLForConditionalGeneration
+
+    path = Path(path)
+    dtype = dtype or torch.float32
+    if detect_format(path) == "original":
+        from .convert import load_original_model
+
+        model = load_original_model(path, dtype=dtype)
+    else:
+        try:
+            model = InternVLForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot load the weights ({e})") from None
+    if device:
+        model.to(device)
+    return model
