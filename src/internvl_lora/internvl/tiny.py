@@ -21,6 +21,9 @@ TOKENIZER_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *SPECIAL_TO
 
 TILE_SIZE = 64
 PATCH_SIZE = 8
+# Random weights at the scale of trained ones (unit gain per layer for hidden 128), not the default
+# 0.02, under which a frozen random network passes too little signal for LoRA to learn from.
+INIT_STD = 0.08
 
 
 def build_tokenizer(extra_corpus: list[str] | None = None, vocab_size: int = 1024):
@@ -54,11 +57,13 @@ def build_config(vocab_size: int, image_token_id: int, eos_token_id: int, pad_to
     vision = InternVLVisionConfig(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
         image_size=TILE_SIZE, patch_size=PATCH_SIZE, attention_bias=True, layer_scale_init_value=1.0,
+        initializer_range=INIT_STD,
     )
     text = Qwen2Config(
         vocab_size=vocab_size, hidden_size=128, intermediate_size=352, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0,
         tie_word_embeddings=False, eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True,
+        initializer_range=INIT_STD,
     )
     tokens_per_tile = (TILE_SIZE // PATCH_SIZE) ** 2 // 4
     return InternVLConfig(
@@ -85,6 +90,11 @@ def build_tiny_checkpoint(out_dir: str | Path, extra_corpus: list[str] | None = 
     )
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(config)
+    # A pretrained LM head has rows of norm ~1 or more; the default init (std 0.02) gives logits so
+    # flat that a frozen head cannot express a confident answer however the adapters move the hidden
+    # state. Rescale it so that LoRA on the decoder layers (the official recipe) can learn the task.
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 0.1)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id,
         do_sample=False,

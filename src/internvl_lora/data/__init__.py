@@ -1,0 +1,1 @@
+"""Data step: the official InternVL JSONL + meta format, its audit, and the training dataset."""
