@@ -82,7 +82,8 @@ def moe_config() -> dict:
     base = shrink(_real_config("InternVL3-2B"), heads=4, kv_heads=2)
     llm = Qwen3MoeConfig(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
-                         num_experts_per_tok=2, vocab_size=128, bos_token_id=2, eos_token_id=2, pad_token_id=2).to_dict()
+                         num_experts_per_tok=2, vocab_size=128, bos_token_id=2, eos_token_id=2,
+                         pad_token_id=2).to_dict()
     llm["architectures"] = ["Qwen3MoeForCausalLM"]
     base["llm_config"] = llm
     return base
@@ -599,7 +600,8 @@ TEXTS = [
     " leading space and  two spaces",
     "line one\nline two\n\n\tindented\r\nwindows",
     "你好，世界！这是一个测试。",
-    "<|im_start|>system\n你是书生·万象<|im_end|>\n<|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT></img>\nWhat is it?<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>system\n你是书生·万象<|im_end|>\n<|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT></img>\n"
+    "What is it?<|im_end|>\n<|im_start|>assistant\n",
     "digits 1234567890 and pi 3.14159",
     "emoji 😀🚀 and a rare 𠀋 character",
     "<s>bos in text</s> <unk> [UNUSED_TOKEN_12]",
@@ -803,9 +805,24 @@ def test_checkpoint_module_reads_original_folders(tmp_path):
     for f in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
         shutil.copy(FIXTURES / "InternVL2-2B" / f, folder / f)
     info = checkpoint.inspect_checkpoint(folder)
-    assert (info.format, info.llm_type, info.template, info.tokens_per_tile) == ("original", "llama", "internlm2-chat", 4)
+    assert (info.format, info.llm_type, info.template) == ("original", "llama", "internlm2-chat")
+    assert info.tokens_per_tile == 4
     tok = checkpoint.load_tokenizer(folder)
     assert tok.convert_tokens_to_ids("<IMG_CONTEXT>") == 92546
     model = checkpoint.load_model(folder)
     assert model.config.image_token_id == 92546
     assert all(torch.equal(model.state_dict()[k], v) for k, v in native.state_dict().items())
+
+
+@needs_fixtures
+def test_adapter_layout_from_an_hf_config_folder(tmp_path):
+    cfg = tiny_configs()["qwen2-InternVL3-2B"]
+    base = random_native(cfg)
+    base.config.image_token_id = IMAGE_TOKEN
+    base.save_pretrained(tmp_path / "hf")
+    adapter = _lora_adapter(base, tmp_path, r".*language_model.*\.(q_proj|o_proj)")
+    out = cv.convert_adapter(adapter, tmp_path / "o", to="original", cfg=tmp_path / "hf")
+    keys = load_file(str(out / "adapter_model.safetensors")).keys()
+    assert "base_model.model.language_model.model.layers.1.self_attn.o_proj.lora_B.weight" in keys
+    with pytest.raises(CheckpointError, match="needs the model's config"):
+        cv.convert_adapter(adapter, tmp_path / "o2", to="original", cfg=None)

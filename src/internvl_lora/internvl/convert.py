@@ -276,7 +276,7 @@ def check_original_config(cfg: dict, path: PathLike | None = None) -> None:
     """Refuse configs this converter cannot represent exactly (raises `CheckpointError`)."""
     where = _config_file(path)
     if cfg.get("model_type") not in (None, "internvl_chat"):
-        hint = " (a transformers-native -hf checkpoint: load it directly)" if cfg.get("model_type") == "internvl" else ""
+        hint = " (a transformers-native -hf checkpoint: load it directly)" if cfg["model_type"] == "internvl" else ""
         raise CheckpointError(f"{where}: model_type {cfg.get('model_type')!r} is not an original InternVL config{hint}")
     original_llm_type(cfg, path)
     lora = {k: cfg.get(k) for k in ("use_llm_lora", "use_backbone_lora") if cfg.get(k)}
@@ -290,7 +290,8 @@ def check_original_config(cfg: dict, path: PathLike | None = None) -> None:
     ps = cfg.get("ps_version", "v1")
     if ps != "v2":
         raise CheckpointError(
-            f"{where}: ps_version {ps!r}" + (" (absent, so the InternVL default 'v1')" if "ps_version" not in cfg else "")
+            f"{where}: ps_version {ps!r}"
+            + (" (absent, so the InternVL default 'v1')" if "ps_version" not in cfg else "")
             + ": transformers' InternVL implements the 'v2' pixel shuffle only, and 'v1' orders the image "
             "tokens differently; this checkpoint cannot be converted exactly"
         )
@@ -479,7 +480,8 @@ def _layout(cfg: dict | _Layout, path: PathLike | None = None) -> _Layout:
         arch=arch,
         num_heads=heads,
         num_kv_heads=int(llm.get("num_key_value_heads") or heads),
-        num_experts=int(llm.get("num_experts") or llm.get("num_local_experts") or 0) if arch == "Qwen3MoeForCausalLM" else 0,
+        num_experts=int(llm.get("num_experts") or llm.get("num_local_experts") or 0)
+        if arch == "Qwen3MoeForCausalLM" else 0,
     )
 
 
@@ -927,7 +929,9 @@ def load_original_model(path: PathLike, dtype: torch.dtype | str | None = None, 
                     converted = _group_to_hf(group, pending, layout)
                 except (RuntimeError, ValueError) as e:
                     shapes = {o: tuple(pending[o].shape) for o in group.original[:3]}
-                    raise CheckpointError(f"{file}: cannot map {_listing(group.original, 3)} ({e}); shapes {shapes}") from None
+                    raise CheckpointError(
+                        f"{file}: cannot map {_listing(group.original, 3)} ({e}); shapes {shapes}"
+                    ) from None
                 for o in group.original:
                     pending.pop(o)
                 for hf_name, tensor in converted.items():
@@ -945,7 +949,7 @@ def load_original_model(path: PathLike, dtype: torch.dtype | str | None = None, 
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
-        expected = sorted({o for n in missing for o in (hf_key_to_original(n, layout) if _group_of_hf(n, layout) else [n])})
+        expected = sorted({o for n in missing for o in (_group_of_hf(n, layout) or _Group("", (n,), ())).original})
         raise CheckpointError(
             f"{folder}: {len(missing)} weight(s) the model needs are not in the checkpoint: {_listing(expected)}"
         )
@@ -1083,7 +1087,9 @@ def load_original_tokenizer(path: PathLike) -> PreTrainedTokenizerBase:
             "reproduced here (InternLM2Tokenizer is)"
         )
     if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
-        raise CheckpointError(f"{folder}: no tokenizer files (tokenizer.json, vocab.json + merges.txt, tokenizer.model)")
+        raise CheckpointError(
+            f"{folder}: no tokenizer files (tokenizer.json, vocab.json + merges.txt, tokenizer.model)"
+        )
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -1345,7 +1351,9 @@ def convert_checkpoint(src: PathLike, dst: PathLike, to: str, *, reference_origi
     kind = cfg.get("model_type") if isinstance(cfg, dict) else None
     if to == "hf":
         if kind != "internvl_chat":
-            raise CheckpointError(f"{src / 'config.json'}: model_type {kind!r} is not an original checkpoint ('internvl_chat')")
+            raise CheckpointError(
+                f"{src / 'config.json'}: model_type {kind!r} is not an original checkpoint ('internvl_chat')"
+            )
         target = _dtype(dtype) or _dtype(cfg.get("torch_dtype")) or torch.float32
         tokenizer = load_original_tokenizer(src)
         model = load_original_model(src, dtype=target, tokenizer=tokenizer)
@@ -1389,7 +1397,9 @@ def convert_checkpoint(src: PathLike, dst: PathLike, to: str, *, reference_origi
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _PEFT_PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?:(?P<part>lora_A|lora_B)\.weight|(?P<emb>lora_embedding_A|lora_embedding_B))$")
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?:(?P<part>lora_A|lora_B)\.weight|(?P<emb>lora_embedding_A|lora_embedding_B))$"
+)
 
 
 def _lora_key(module: str, part: str) -> str:
@@ -1442,11 +1452,28 @@ def _fuse_qkv_lora(group: _Group, modules: list[str], lora: Mapping[str, Mapping
     return a_fused, _fuse_rows(group, blocks, layout)
 
 
+def _adapter_layout_config(cfg: dict | PathLike | None) -> dict:
+    """The original config describing an adapter's layout, from a dict, a config.json or a checkpoint
+    folder. An -hf config is turned into an original one (its `llama` read as Llama, not InternLM2)."""
+    if cfg is None:
+        raise CheckpointError("converting an adapter needs the model's config: give the base checkpoint "
+                              "(an original checkpoint for InternLM2-based models)")
+    if not isinstance(cfg, dict):
+        p = Path(cfg)
+        cfg = _read_json(p if p.suffix == ".json" else p / "config.json")
+    if cfg.get("model_type") == "internvl":
+        from transformers import InternVLConfig
+
+        return hf_config_to_original(InternVLConfig.from_dict(cfg))
+    return cfg
+
+
 def convert_adapter(src_dir: PathLike, dst_dir: PathLike, to: str, cfg: dict | PathLike,
                     *, overwrite: bool = False) -> Path:
     """Remap a PEFT LoRA adapter between the native and the original layout.
 
-    `cfg` is the original config (a dict, a config.json path or an original checkpoint folder). Keys are
+    `cfg` is the original config (a dict, a config.json path or a checkpoint folder; an -hf config works
+    for every family but InternLM2, whose layout only an original config tells). Keys are
     `base_model.model.<module>.lora_A.weight` with `<module>` a full module path of the whole model
     (`model.language_model.layers.0.self_attn.q_proj` natively, `language_model.model.layers.0...` in the
     original). `target_modules` becomes the list of converted module paths.
@@ -1463,16 +1490,15 @@ def convert_adapter(src_dir: PathLike, dst_dir: PathLike, to: str, cfg: dict | P
     if to not in ("hf", "original"):
         raise CheckpointError(f"to={to!r}: choose 'hf' or 'original'")
     src, dst = Path(src_dir), Path(dst_dir)
-    if not isinstance(cfg, dict):
-        p = Path(cfg)
-        cfg = _read_json(p if p.suffix == ".json" else p / "config.json")
-    layout = _layout(cfg)
+    layout = _layout(_adapter_layout_config(cfg))
     adapter_cfg_path, weights_path = src / ADAPTER_CONFIG, src / ADAPTER_WEIGHTS
     acfg = _read_json(adapter_cfg_path)
     if not weights_path.is_file():
         bins = sorted(p.name for p in src.glob("adapter_model*.bin"))
         if bins:
-            raise CheckpointError(f"{src / bins[0]}: pickle adapter weights are refused; save the adapter as safetensors")
+            raise CheckpointError(
+                f"{src / bins[0]}: pickle adapter weights are refused; save the adapter as safetensors"
+            )
         raise CheckpointError(f"{weights_path}: file not found")
     refuse = {
         "peft_type": acfg.get("peft_type", "LORA") != "LORA",
@@ -1534,7 +1560,9 @@ def convert_adapter(src_dir: PathLike, dst_dir: PathLike, to: str, cfg: dict | P
         parts = lora[module]
         group = group_of_module(module)
         if group.kind.startswith("experts"):
-            raise CheckpointError(f"{weights_path}: LoRA on MoE experts ({module}) cannot be remapped; merge and convert")
+            raise CheckpointError(
+                f"{weights_path}: LoRA on MoE experts ({module}) cannot be remapped; merge and convert"
+            )
         src_names = group.hf if from_side == "hf" else group.original
         dst_names = group.original if from_side == "hf" else group.hf
         src_modules = [n.rsplit(".", 1)[0] for n in src_names]
@@ -1606,7 +1634,8 @@ def convert_adapter(src_dir: PathLike, dst_dir: PathLike, to: str, cfg: dict | P
         save_file({k: v.contiguous() for k, v in out.items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(new_cfg, indent=2) + "\n", encoding="utf-8")
         for p in sorted(src.iterdir()):
-            if p.is_file() and p.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) and p.suffix in (".md", ".json", ".txt", ".model", ".jinja"):
+            side_file = p.suffix in (".md", ".json", ".txt", ".model", ".jinja")
+            if p.is_file() and p.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) and side_file:
                 shutil.copy2(p, tmp / p.name)
     return dst
 

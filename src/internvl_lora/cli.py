@@ -1,0 +1,238 @@
+"""The `internvl-lora` command line.
+
+    internvl-lora demo                                  # the whole workflow on a tiny model, CPU
+    internvl-lora data check META --model CKPT          # audit every sample
+    internvl-lora data inspect META --model CKPT --index 0
+    internvl-lora data convert SRC DST --from sharegpt
+    internvl-lora train CONFIG.yaml [section.key=value ...]
+    internvl-lora merge RUN/adapter OUT
+    internvl-lora chat MODEL --image a.jpg "question"
+    internvl-lora validate --base BASE --tuned TUNED --data HELDOUT
+    internvl-lora convert SRC DST --to hf|original
+
+Problems with the input are printed as one paragraph (no traceback) and the exit code is 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="LoRA fine-tuning of InternVL vision-language models on your own multimodal data.")
+data_app = typer.Typer(no_args_is_help=True, help="Check, inspect and convert datasets in the official InternVL format.")
+app.add_typer(data_app, name="data")
+
+
+def _settings(model: str, template: Optional[str], max_length: int, max_dynamic_patch: Optional[int],
+              truncation: str = "drop"):
+    from .data.encode import EncodeSettings
+    from .internvl.checkpoint import inspect_checkpoint, load_tokenizer
+
+    info = inspect_checkpoint(model)
+    tokenizer = load_tokenizer(model)
+    return tokenizer, EncodeSettings.from_checkpoint(info, template=template, max_length=max_length,
+                                                     max_dynamic_patch=max_dynamic_patch, truncation=truncation)
+
+
+@data_app.command("check")
+def data_check(
+    meta: str = typer.Argument(..., help="meta JSON file or .jsonl annotation file"),
+    model: str = typer.Option(..., "--model", help="checkpoint folder (only tokenizer and config are read)"),
+    template: Optional[str] = typer.Option(None, help="override the checkpoint's template"),
+    max_length: int = typer.Option(8192, help="max tokens per sample after image expansion"),
+    max_dynamic_patch: Optional[int] = typer.Option(None, help="max tiles per image (default: checkpoint's)"),
+    truncation: str = typer.Option("drop", help="drop | cut_text"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary and every problem as JSON"),
+):
+    """Audit every sample: JSON, roles, answers, images, placeholder counts, lengths after tiling."""
+    from .data.audit import audit, format_report
+    from .data.records import load_meta
+
+    tokenizer, settings = _settings(model, template, max_length, max_dynamic_patch, truncation)
+    result = audit(load_meta(meta), tokenizer, settings)
+    if as_json:
+        print(json.dumps({**result.summary(), "problems": [p.__dict__ for p in result.problems]}, indent=2))
+    else:
+        print(format_report(result))
+    raise typer.Exit(0 if result.ok else 1)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    meta: str = typer.Argument(...),
+    model: str = typer.Option(..., "--model"),
+    index: str = typer.Option("0", help="N, N:M or all"),
+    template: Optional[str] = typer.Option(None),
+    max_length: int = typer.Option(8192),
+    max_dynamic_patch: Optional[int] = typer.Option(None),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per sample"),
+    save_tiles: Optional[str] = typer.Option(None, help="write every tile as a PNG into this folder"),
+    color: bool = typer.Option(True, help="highlight trained spans with colour (else [[...]])"),
+):
+    """Show exactly what samples train on: prompt with trained spans, token count, tiles per image."""
+    from .data.inspect import inspect, parse_index
+    from .data.records import load_meta, read_lines
+
+    tokenizer, settings = _settings(model, template, max_length, max_dynamic_patch)
+    lines = read_lines(load_meta(meta))
+    failed = inspect(lines, parse_index(index, len(lines)), tokenizer, settings, as_json, save_tiles,
+                     color and sys.stdout.isatty())
+    raise typer.Exit(1 if failed else 0)
+
+
+@data_app.command("convert")
+def data_convert(
+    src: str = typer.Argument(...),
+    dst: str = typer.Argument(...),
+    fmt: str = typer.Option("jsonl", "--from", help="json | jsonl | sharegpt | openai"),
+    keep_system: Optional[bool] = typer.Option(None, "--keep-system/--drop-system",
+                                               help="keep a leading system turn (default: official behaviour)"),
+    skip_invalid: bool = typer.Option(False, help="write unconvertible records to DST.rejected.jsonl"),
+    media_root: Optional[str] = typer.Option(None, help="make media paths relative to this folder"),
+    source_root: Optional[str] = typer.Option(None, help="folder relative media paths start from"),
+    images_dir: Optional[str] = typer.Option(None, help="where decoded data: URL images go (openai)"),
+):
+    """Convert json/jsonl (official tools) or ShareGPT / OpenAI-messages data to InternVL JSONL."""
+    from .data.convert import convert
+
+    options = {k: v for k, v in dict(media_root=media_root, source_root=source_root, images_dir=images_dir).items()
+               if v is not None}
+    stats = convert(src, dst, fmt, keep_system=keep_system, skip_invalid=skip_invalid, **options)
+    print(stats)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(ctx: typer.Context, config: str = typer.Argument(..., help="YAML config; then section.key=value overrides")):
+    """Train LoRA adapters (the data is audited first)."""
+    from .config import load_config
+    from .train import train as run_train
+
+    run_train(load_config(config, list(ctx.args)))
+
+
+@app.command()
+def merge(
+    adapter: str = typer.Argument(..., help="adapter folder written by train (RUN/adapter)"),
+    out: str = typer.Argument(..., help="output folder for the merged checkpoint"),
+    base: Optional[str] = typer.Option(None, help="base checkpoint (default: the one recorded in the adapter)"),
+    dtype: Optional[str] = typer.Option(None, help="bfloat16 | float16 | float32 (default: the base's)"),
+    overwrite: bool = typer.Option(False, help="replace OUT if it exists"),
+):
+    """Merge adapters into a standalone checkpoint in the base's format, with a parity check."""
+    import torch
+
+    from .merge import merge as run_merge
+
+    dt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype) if dtype else None
+    report = run_merge(adapter, out, base=base, dtype=dt, overwrite=overwrite)
+    print(json.dumps(report, indent=2))
+
+
+@app.command()
+def chat(
+    model: str = typer.Argument(..., help="merged or base checkpoint (either format), or an adapter folder"),
+    question: Optional[str] = typer.Argument(None, help="the question; omit for an interactive session"),
+    image: List[str] = typer.Option([], "--image", help="image file (repeat for several)"),
+    video: Optional[str] = typer.Option(None, "--video", help="video file, frame folder or GIF"),
+    max_new_tokens: int = typer.Option(256),
+    dtype: Optional[str] = typer.Option(None, help="bfloat16 | float32 (default: bf16 on a GPU, fp32 on a CPU)"),
+    base: Optional[str] = typer.Option(None, help="base checkpoint for an adapter folder"),
+):
+    """Ask a question about images or a video; greedy decoding; only the answer goes to stdout."""
+    import torch
+
+    from .chat import chat_once, load_for_inference
+
+    dt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype) if dtype else None
+    loaded = load_for_inference(model, dtype=dt, base=base)
+    if question is not None:
+        print(chat_once(loaded, question.replace("\\n", "\n"), image, video, max_new_tokens))
+        return
+    history: list[tuple[str, str]] = []
+    print("interactive chat: one question per line, empty line or Ctrl-D to quit", file=sys.stderr)
+    for line in sys.stdin:
+        q = line.rstrip("\n")
+        if not q:
+            break
+        answer = chat_once(loaded, q, image if not history else [], video if not history else None, max_new_tokens,
+                           history=history)
+        print(answer, flush=True)
+        history.append((q, answer))
+
+
+@app.command()
+def validate(
+    base: str = typer.Option(..., help="base checkpoint"),
+    tuned: str = typer.Option(..., help="merged checkpoint or adapter folder"),
+    data: str = typer.Option(..., help="held-out meta JSON or .jsonl"),
+    out: str = typer.Option("validation", help="output folder (validation.json, report.html)"),
+    batch_size: int = typer.Option(8),
+    max_new_tokens: int = typer.Option(64),
+    limit: Optional[int] = typer.Option(None, help="only the first N samples"),
+    blank_images: bool = typer.Option(False, help="also run the tuned model with every image blanked"),
+):
+    """Compare base and tuned on held-out samples: exact match, ANLS, ROUGE-L, and an HTML report."""
+    from .validate import validate as run_validate
+
+    summary = run_validate(base, tuned, data, out, batch_size, max_new_tokens, limit, blank_images)
+    print(json.dumps(summary, indent=2))
+    print(f"report: {Path(out) / 'report.html'}")
+
+
+@app.command()
+def convert(
+    src: str = typer.Argument(...),
+    dst: str = typer.Argument(...),
+    to: str = typer.Option(..., "--to", help="hf | original"),
+    reference: Optional[str] = typer.Option(None, help="an original checkpoint whose config/.py files to use (hf -> original)"),
+    adapter: bool = typer.Option(False, help="SRC is a LoRA adapter folder, not a checkpoint"),
+    base: Optional[str] = typer.Option(None, help="for --adapter: the checkpoint whose config describes the layout"),
+):
+    """Convert a checkpoint (or a LoRA adapter) between the original and the -hf format."""
+    from .internvl import convert as conv
+
+    if adapter:
+        cfg_path = Path(base or src) / "config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
+        print(conv.convert_adapter(src, dst, to, cfg))
+    else:
+        print(conv.convert_checkpoint(src, dst, to, reference_original=reference))
+
+
+@app.command()
+def demo(
+    out: str = typer.Option("demo_out", help="output folder"),
+    prepare_only: Optional[str] = typer.Option(None, help="only write model, data and DIR/train.yaml into DIR"),
+    n_train: int = typer.Option(800, help="synthetic training samples"),
+    epochs: Optional[float] = typer.Option(None, help="override the demo's number of epochs"),
+):
+    """Run the whole workflow on a tiny InternVL built locally and a synthetic dataset (CPU, minutes)."""
+    from .demo import prepare, run
+
+    if prepare_only:
+        path = prepare(prepare_only, n_train=n_train)
+        print(f"wrote {path}\nnext: internvl-lora train {path}")
+        return
+    run(out, n_train=n_train, epochs=epochs)
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
