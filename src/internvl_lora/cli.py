@@ -210,7 +210,7 @@ def convert(
 def demo(
     out: str = typer.Option("demo_out", help="output folder"),
     prepare_only: Optional[str] = typer.Option(None, help="only write model, data and DIR/train.yaml into DIR"),
-    n_train: int = typer.Option(800, help="synthetic training samples"),
+    n_train: int = typer.Option(1600, help="synthetic training samples"),
     epochs: Optional[float] = typer.Option(None, help="override the demo's number of epochs"),
 ):
     """Run the whole workflow on a tiny InternVL built locally and a synthetic dataset (CPU, minutes)."""

@@ -29,12 +29,12 @@ CHANCE = 1 / len(COLORS)
 # learning rate and length suited to a random tiny model on a CPU.
 DEMO_TRAIN = {
     "per_device_batch_size": 8, "grad_accum": 1, "lr": 3.0e-3, "lr_scheduler": "cosine", "warmup_ratio": 0.05,
-    "weight_decay": 0.0, "epochs": 4, "gradient_checkpointing": False, "logging_steps": 25, "save_steps": 200,
+    "weight_decay": 0.0, "epochs": 4, "gradient_checkpointing": False, "logging_steps": 25, "save_steps": 500,
     "save_total_limit": 1, "report_to": ["tensorboard"], "seed": 0, "group_by_length": True,
 }
 
 
-def prepare(out: str | Path, n_train: int = 800, n_heldout: int = 60) -> Path:
+def prepare(out: str | Path, n_train: int = 1600, n_heldout: int = 100) -> Path:
     """Write the tiny model, the dataset and a ready training config; return the config path."""
     out = Path(out).resolve()
     model = build_tiny_checkpoint(out / "model", vocabulary())
@@ -50,7 +50,7 @@ def prepare(out: str | Path, n_train: int = 800, n_heldout: int = 60) -> Path:
     return path
 
 
-def run(out: str | Path = "demo_out", n_train: int = 800, n_heldout: int = 60, epochs: float | None = None) -> dict:
+def run(out: str | Path = "demo_out", n_train: int = 1600, n_heldout: int = 100, epochs: float | None = None) -> dict:
     from .config import load_config
     from .data.audit import audit, format_report
     from .data.encode import EncodeSettings
