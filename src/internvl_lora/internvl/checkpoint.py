@@ -95,7 +95,8 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         llm_type = cfg.get("text_config", {}).get("model_type", "qwen2")
         return CheckpointInfo(
             path=str(path), format="hf",
-            template=HF_TEMPLATE_BY_LLM.get(llm_type, HF_DEFAULT_TEMPLATE),
+            # A -hf checkpoint converted by us from an original one keeps its `template` field.
+            template=cfg.get("template") or HF_TEMPLATE_BY_LLM.get(llm_type, HF_DEFAULT_TEMPLATE),
             tile_size=int(proc.get("size", {}).get("height", image_size)),
             tokens_per_tile=tokens,
             max_dynamic_patch=int(proc.get("max_patches", 12)),
