@@ -122,7 +122,7 @@ class Timer(TrainerCallback):
             self.steps += 1
 
 
-def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3):
+def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropout=0.05):
     torch.manual_seed(0)
     vit = VIT_TINY if size == "tiny" else {}
     cfg = InternVLConfig(vision_config=vit, text_config=dict(model_type="qwen2", rope_theta=1e6, max_position_embeddings=32768, **LLM[size]),
@@ -141,14 +141,15 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3):
 
         apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False, model=model.model.language_model)
-    model = apply_policy(model, PolicyArgs(), "qwen2")
+    model = apply_policy(model, PolicyArgs(dropout=dropout), "qwen2")
     rng = random.Random(0)
     groups = [samples(bs, rng, max_tiles) for _ in range(steps + warmup)]
     data = Synthetic(groups, cfg.vision_config.image_size[0] if isinstance(cfg.vision_config.image_size, (list, tuple)) else cfg.vision_config.image_size)
     args = TrainingArguments(
         output_dir=out_dir, per_device_train_batch_size=bs, gradient_accumulation_steps=1, learning_rate=4e-5,
-        max_steps=steps + warmup, bf16=cuda, use_cpu=not cuda, gradient_checkpointing=ckpt > 0,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if ckpt else None,
+        max_steps=steps + warmup, bf16=cuda, use_cpu=not cuda, activation_checkpointing=ckpt > 0,
+        # every_n_layers: checkpoint only every ckpt-th decoder layer (1 = all layers).
+        activation_checkpointing_kwargs={"use_reentrant": False, "every_n_layers": ckpt} if ckpt else None,
         logging_steps=10**6, save_strategy="no", report_to=[], disable_tqdm=True, remove_unused_columns=False,
         train_sampling_strategy="sequential", dataloader_num_workers=2 if cuda else 0, dataloader_pin_memory=cuda, seed=0,
     )
@@ -157,9 +158,6 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3):
     cls = FastTrainer if mode in ("packed", "padded-fast") else InternVLTrainer
     collator = PackedCollator() if packed else PadCollator(0)
     trainer = cls(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[timer], stats=stats)
-    if ckpt > 1:  # checkpoint every ckpt-th decoder layer only
-        for i, layer in enumerate(model.base_model.model.model.language_model.layers):
-            layer.gradient_checkpointing = i % ckpt == 0
     trainer.train()
     if cuda:
         torch.cuda.synchronize()
@@ -168,7 +166,7 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3):
     real = sum(len(i) for g in timed for i, _, _ in g)
     flops = sum(model_flops(cfg, g) for g in timed)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-    return dict(size=size, mode=mode, bs=bs, grad_ckpt=ckpt, liger=liger, steps=steps,
+    return dict(size=size, mode=mode, bs=bs, grad_ckpt=ckpt, liger=liger, lora_dropout=dropout, steps=steps,
                 real_tokens_per_s=round(real / dt), samples_per_s=round(bs * steps / dt, 2),
                 model_tflops=round(flops / dt / 1e12, 1), pct_of_peak=round(100 * flops / dt / 1e12 / PEAK_TFLOPS, 1),
                 peak_gib=round(peak, 1))
@@ -184,13 +182,14 @@ if __name__ == "__main__":
     ap.add_argument("--ckpt", default="1", help="comma list: 0 off, 1 every layer, k every k-th layer")
     ap.add_argument("--liger", default="0", help="comma list of 0/1")
     ap.add_argument("--out", default="/tmp/bench_run")
+    ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (the recipe's 0.05)")
     a = ap.parse_args()
     for s in a.sizes.split(","):
         for m in a.modes.split(","):
             for c in map(int, a.ckpt.split(",")):
                 for lg in map(int, a.liger.split(",")):
                     try:
-                        r = run(s, m, a.bs, a.steps, a.max_tiles, c, bool(lg), a.out)
+                        r = run(s, m, a.bs, a.steps, a.max_tiles, c, bool(lg), a.out, dropout=a.dropout)
                     except Exception as e:  # one failing configuration must not hide the others
                         r = dict(size=s, mode=m, grad_ckpt=c, liger=lg, error=repr(e)[:400])
                     print(json.dumps(r), flush=True)

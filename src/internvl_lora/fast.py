@@ -23,6 +23,20 @@ from .internvl.constants import IGNORE_INDEX
 VARLEN = "packed_varlen"
 
 
+def _varlen_supports_gqa() -> bool:
+    try:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+
+        return "enable_gqa" in inspect.signature(varlen_attn).parameters
+    except Exception:
+        return False
+
+
+_VARLEN_GQA = _varlen_supports_gqa()
+
+
 def _varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query (1, H, T, D), key/value (1, KV, T, D) -> (1, T, H, D), attending within each packed sample."""
     cu = kwargs.get("cu_seq_lens_q")
@@ -33,7 +47,12 @@ def _varlen_attention(module, query, key, value, attention_mask, scaling=None, d
     if q.is_cuda:
         from torch.nn.attention.varlen import varlen_attn
 
-        out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0), enable_gqa=True)
+        if k.shape[1] != q.shape[1] and not _VARLEN_GQA:
+            # Older torch (< 2.13) has no enable_gqa here: repeat the key/value heads.
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        extra = {"enable_gqa": True} if _VARLEN_GQA else {}
+        out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0), **extra)
     else:
         outs = []
         bounds = cu.tolist()
