@@ -1,7 +1,7 @@
 """Data-loader throughput on one CPU core: 1080p JPEGs -> tiles (up to 6+1 at 448 px) + tokens.
 
     python bench/loader_bench.py                 # default: 20 synthetic 1920x1080 JPEGs, 3 passes
-    python bench/loader_bench.py --exact         # jpeg_draft off: pixels as the official full decode
+    python bench/loader_bench.py --jpeg-draft    # opt-in reduced-scale JPEG decode (faster, ~1/255 pixel difference)
     python bench/loader_bench.py --size 1800x1200 --augment --profile
 
 Each sample is one image with a question and an answer, encoded by `SupervisedDataset.__getitem__`
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--size", default="1920x1080")
     ap.add_argument("--max-dynamic-patch", type=int, default=6)
-    ap.add_argument("--exact", action="store_true", help="jpeg_draft off (official full-resolution decode)")
+    ap.add_argument("--jpeg-draft", action="store_true", help="reduced-scale JPEG decode (default off: the official full decode)")
     ap.add_argument("--augment", action="store_true", help="data_augment on (JPEG re-encode of every tile)")
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--profile", action="store_true", help="print the top functions by cumulative time")
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         settings = EncodeSettings(template=get_template("internvl2_5"), tile_size=448, tokens_per_tile=256,
                                   max_dynamic_patch=args.max_dynamic_patch, max_length=16384)
         if hasattr(settings, "jpeg_draft"):
-            settings.jpeg_draft = not args.exact
+            settings.jpeg_draft = args.jpeg_draft
         specs = load_meta(meta)
         if args.augment:
             for s in specs:

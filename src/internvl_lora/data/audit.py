@@ -1,19 +1,59 @@
 """`internvl-lora data check META --model CKPT`: a pre-flight audit of every sample.
 
 Each line is parsed, validated and encoded exactly as training will do it (images are decoded
-cheaply, tiles counted from their sizes), so anything that would fail or be cut during training is
-found here first, with file:line. `train` runs the same audit before it starts.
+cheaply, tiles counted from their sizes, videos probed for their worst case), so anything that would
+fail or be cut during training is found here first, with file:line. Problems of the meta file itself
+(one bad dataset entry) are reported with the meta file's line and the other datasets are still
+checked. `train` runs the same audit before it starts.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 from dataclasses import dataclass, field
 
 from ..errors import DataError
+from ..internvl.constants import IGNORE_INDEX
 from .encode import EncodeSettings, encode_record
-from .records import DatasetSpec, Line, parse_record, read_lines
+from .records import DatasetSpec, Line, apply_repeat, iter_lines, meta_problems, parse_record
+
+# Every kind of problem the audit reports (docs/data.md lists them with examples).
+PROBLEM_KINDS = {
+    # meta file
+    "missing_meta": "the meta file does not exist",
+    "bad_meta": "a meta entry has a missing, unknown or wrongly typed field",
+    "missing_annotation": "a meta entry's annotation file does not exist",
+    "bad_repeat_time": "repeat_time is not a positive number, or is above 1 and not whole",
+    # line / record
+    "bad_encoding": "the line is not UTF-8",
+    "bad_json": "the line is not a JSON object",
+    "no_conversations": "no 'conversations' list",
+    "bad_turn": "a turn is not {'from': str, 'value': str}",
+    "bad_role": "a turn has a role other than human / gpt (system first)",
+    "bad_role_order": "turns do not alternate human, gpt (starting with human)",
+    "missing_answer": "the conversation does not end with a gpt answer",
+    "empty_answer": "an answer is empty",
+    "bad_placeholder": "image tokens written in the text, or a placeholder outside the human turns",
+    "image_count": "the number of <image> placeholders differs from the number of images",
+    "image_and_video": "a record holds both images and a video",
+    "bad_image_field": "'image' is not a path or a list of paths",
+    "bad_video_field": "'video' or 'clip' is malformed",
+    # media
+    "missing_image": "an image file does not exist",
+    "corrupt_image": "an image file cannot be decoded",
+    "truncated_image": "an image file ends too early",
+    "huge_image": "an image has more pixels than data.max_image_pixels (decompression bomb guard)",
+    "missing_video": "a video file or frame folder does not exist",
+    "unreadable_video": "a video cannot be opened or decoded",
+    "empty_video": "a video has no frames",
+    "bad_clip": "a clip lies outside the video",
+    "bad_fps": "the video has no usable frame rate for the sampling asked for",
+    "missing_dependency": "PyAV is needed to read video files",
+    # tokens
+    "too_long": "longer than max_length after image expansion (or a cut would split an image block)",
+    "no_trained_tokens": "no answer token is left to train on",
+    "template_mismatch": "the official preprocessor of the template would not train this sample",
+}
 
 
 @dataclass
@@ -32,11 +72,15 @@ class Problem:
 class AuditResult:
     lines: list[Line]
     valid: list[int] = field(default_factory=list)  # indices into `lines`
-    lengths: dict[int, int] = field(default_factory=dict)  # index -> token count
+    lengths: dict[int, int] = field(default_factory=dict)  # index -> token count (video: worst case)
     problems: list[Problem] = field(default_factory=list)
     images: int = 0
+    videos: int = 0
+    video_frames: int = 0  # worst case
     tiles: int = 0
     trained_tokens: int = 0
+    cut: list[int] = field(default_factory=list)  # indices of samples shortened by truncation=cut_text
+    kinds: dict[str, int] = field(default_factory=dict)  # text / image / multi_image / video, valid samples
 
     @property
     def ok(self) -> bool:
@@ -45,36 +89,61 @@ class AuditResult:
     def by_kind(self) -> dict[str, int]:
         return dict(collections.Counter(p.kind for p in self.problems))
 
+    def train_samples(self) -> int:
+        """Valid samples after each dataset's repeat_time (what one epoch holds)."""
+        valid = set(self.valid)
+        return sum(1 for ln in apply_repeat(self.lines) if ln.index in valid)
+
     def summary(self) -> dict:
         lengths = sorted(self.lengths.values())
+        line_problems = [p for p in self.problems if p.kind not in META_KINDS]
         return {
-            "samples": len(self.lines), "valid": len(self.valid), "invalid": len(self.problems),
-            "images": self.images, "tiles": self.tiles, "trained_tokens": self.trained_tokens,
+            "samples": len(self.lines), "valid": len(self.valid), "invalid": len(line_problems),
+            "meta_problems": len(self.problems) - len(line_problems),
+            "samples_per_epoch": self.train_samples(), "sample_types": dict(self.kinds),
+            "images": self.images, "videos": self.videos, "video_frames_max": self.video_frames,
+            "tiles": self.tiles, "trained_tokens": self.trained_tokens, "cut": len(self.cut),
             "tokens_min": lengths[0] if lengths else 0, "tokens_max": lengths[-1] if lengths else 0,
             "tokens_mean": round(sum(lengths) / len(lengths), 1) if lengths else 0,
             "problems_by_kind": self.by_kind(),
         }
 
 
+META_KINDS = {"missing_meta", "bad_meta", "missing_annotation", "bad_repeat_time"}
+
+
 def audit(specs: list[DatasetSpec], tokenizer, settings: EncodeSettings, decode_video: bool = True) -> AuditResult:
-    """Check every line; never stops at the first problem."""
-    result = AuditResult(lines=read_lines(specs))
+    """Check every line; never stops at the first problem.
+
+    `decode_video=False`: videos are not opened; each counts as max_num_frames frames.
+    """
+    result = AuditResult(lines=iter_lines(specs))
+    for e in meta_problems(specs):
+        result.problems.append(Problem(e.kind, e.path, e.line, e.detail))
+    sizes: dict = {}
+    kinds: collections.Counter = collections.Counter()
     for ln in result.lines:
         try:
             record = parse_record(ln)
-            if record.video and not decode_video:
-                result.valid.append(ln.index)
-                continue
             enc = encode_record(record, tokenizer, settings, dataset_max_patch=ln.spec.max_dynamic_patch,
-                                load_pixels=False)
+                                load_pixels=False, size_cache=sizes,
+                                video_frames=None if decode_video else settings.max_num_frames)
         except DataError as e:
             result.problems.append(Problem(e.kind, e.path or ln.path, e.line or ln.line, e.detail))
             continue
         result.valid.append(ln.index)
         result.lengths[ln.index] = len(enc.input_ids)
-        result.images += len(enc.num_tiles)
+        kinds[record.kind] += 1
+        if record.video:
+            result.videos += 1
+            result.video_frames += len(enc.num_tiles)
+        else:
+            result.images += len(enc.num_tiles)
         result.tiles += sum(enc.num_tiles)
-        result.trained_tokens += sum(1 for lab in enc.labels if lab != -100)
+        result.trained_tokens += sum(1 for lab in enc.labels if lab != IGNORE_INDEX)
+        if enc.cut:
+            result.cut.append(ln.index)
+    result.kinds = dict(kinds)
     return result
 
 
@@ -89,23 +158,40 @@ def histogram(lengths: list[int], bins: int = 8, width: int = 40) -> list[str]:
     rows = []
     for b in range(-(-(hi - lo + 1) // step)):
         c = counts.get(b, 0)
-        rows.append(f"{lo + b * step:>7}-{lo + (b + 1) * step - 1:<7} {'#' * max(1 if c else 0, round(c / top * width))} {c}")
+        bar = "#" * max(1 if c else 0, round(c / top * width))
+        rows.append(f"{lo + b * step:>7} - {lo + (b + 1) * step - 1:<7} {bar:<{width}} {c}")
     return rows
 
 
-def format_report(result: AuditResult, max_problems: int = 50) -> str:
+def format_report(result: AuditResult, max_problems: int = 50, max_locations: int = 8) -> str:
     s = result.summary()
+    types = ", ".join(f"{k} {v}" for k, v in sorted(s["sample_types"].items())) or "none"
     out = [
-        f"samples: {s['samples']}  valid: {s['valid']}  with problems: {s['invalid']}",
-        f"images: {s['images']}  tiles: {s['tiles']}  trained tokens: {s['trained_tokens']}",
+        f"samples: {s['samples']}  valid: {s['valid']}  with problems: {s['invalid']}"
+        + (f"  meta problems: {s['meta_problems']}" if s["meta_problems"] else "")
+        + f"  per epoch (after repeat_time): {s['samples_per_epoch']}",
+        f"valid samples by type: {types}",
+        f"images: {s['images']}  tiles: {s['tiles']}"
+        + (f"  videos: {s['videos']} (up to {s['video_frames_max']} frames)" if s["videos"] else "")
+        + f"  trained tokens: {s['trained_tokens']}",
         f"tokens per sample: min {s['tokens_min']}  mean {s['tokens_mean']}  max {s['tokens_max']}",
     ]
+    if s["cut"]:
+        out.append(f"cut to max_length (truncation: cut_text): {s['cut']} sample(s)")
     hist = histogram(list(result.lengths.values()))
     if hist:
         out.append("token-length histogram:")
         out += ["  " + r for r in hist]
     if result.problems:
-        out.append("problems by kind: " + json.dumps(s["problems_by_kind"]))
+        out.append(f"problems by kind ({len(result.problems)}):")
+        groups: dict[str, list[Problem]] = {}
+        for p in result.problems:
+            groups.setdefault(p.kind, []).append(p)
+        for kind, ps in groups.items():
+            locs = ", ".join(f"{p.path}:{p.line}" if p.line is not None else str(p.path) for p in ps[:max_locations])
+            more = f", ... (+{len(ps) - max_locations})" if len(ps) > max_locations else ""
+            out.append(f"  {kind}: {len(ps)}  {locs}{more}")
+        out.append("problems:")
         for p in result.problems[:max_problems]:
             out.append("  " + str(p))
         if len(result.problems) > max_problems:
