@@ -31,6 +31,7 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration, Train
 
 from internvl_lora.callbacks import StepStats  # noqa: E402
 from internvl_lora.config import PolicyArgs  # noqa: E402
+from internvl_lora.data.blank_tile import BlankTileCollator  # noqa: E402
 from internvl_lora.data.dataset import PadCollator  # noqa: E402
 from internvl_lora.lora import apply_policy  # noqa: E402
 from internvl_lora.train import InternVLTrainer  # noqa: E402
@@ -122,8 +123,10 @@ def main():
     items = [s for _ in range(a.steps) for s in samples(global_batch, rng, 6)]
     data = Data(items, a.bs, world, a.text_only_rank, 448)
     rec = Record()
-    trainer = InternVLTrainer(model=model, args=args, train_dataset=data, data_collator=PadCollator(0),
-                              callbacks=[rec], stats=StepStats(), dummy_vision=True)
+    # Text-only micro-batches get a blank tile (data/blank_tile.py): same module order on every rank.
+    collator = BlankTileCollator(PadCollator(0), IMG_TOKEN, 256, 448)
+    trainer = InternVLTrainer(model=model, args=args, train_dataset=data, data_collator=collator,
+                              callbacks=[rec], stats=StepStats())
     trainer.train()
     if cuda:
         torch.cuda.synchronize()
