@@ -3,29 +3,38 @@
     internvl-lora chat MODEL --image a.jpg "What is in the picture?"
     internvl-lora chat MODEL --image a.jpg --image b.jpg "Image-1: <image>\\nImage-2: <image>\\nCompare them."
     internvl-lora chat MODEL --video v.mp4 "What happens?"
-    internvl-lora chat MODEL --image a.jpg          # interactive: one question per line
+    internvl-lora chat MODEL --image a.jpg          # interactive: one question per line on stdin
 
 Greedy decoding by default, stopping at the template's stop token. Tiling settings come from the
 adapter / merged folder (`internvl_lora.json`) so inference matches training. Only the answer goes to
-stdout.
+stdout; loading messages, warnings and progress bars go to stderr.
+
+In a session (interactive mode, `ChatSession`) the images stay attached to the first question, as the
+official `model.chat` keeps them: every turn is asked with the whole history, the first question's
+`<image>` placeholders and the same pixels.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Iterable
 
 import torch
 
-from .data.encode import EncodeSettings, IMAGE_BLOCK, open_image
+from .data.encode import IMAGE_BLOCK, EncodeSettings, frame_tile, normalize, open_image
 from .errors import UserError
 from .internvl.checkpoint import inspect_checkpoint, load_model, load_tokenizer
 from .internvl.constants import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, VIDEO_PLACEHOLDER
-from .internvl.templates import build_prompt, get_template
-from .internvl.tiling import normalize_tiles, tile_image
+from .internvl.templates import build_prompt, parse_response
 
 RUN_META = "internvl_lora.json"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Frames taken from a video in chat when the run recorded no frame count (the official video demo's 8).
+CHAT_VIDEO_FRAMES = 8
 
 
 @dataclass
@@ -34,10 +43,16 @@ class Loaded:
     tokenizer: object
     settings: EncodeSettings
     device: str
+    source: str = ""
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
 
 
 def read_run_meta(path: Path) -> dict | None:
-    f = path / RUN_META
+    f = Path(path) / RUN_META
     return json.loads(f.read_text()) if f.exists() else None
 
 
@@ -49,99 +64,211 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
-def load_for_inference(path: str | Path, dtype: torch.dtype | None = None, device: str | None = None,
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[str(name).replace("torch.", "")]
+    except KeyError:
+        raise UserError(f"--dtype {name!r}: choose one of {', '.join(DTYPES)}") from None
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Load without transformers' progress bars (its warnings still reach stderr)."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def settings_for(info, meta: dict | None) -> EncodeSettings:
+    """The checkpoint's encode settings, overridden by the ones the run trained with (tiling, template)."""
+    settings = EncodeSettings.from_checkpoint(info, template=(meta or {}).get("template"))
+    for k, v in (meta or {}).get("encode", {}).items():
+        if hasattr(settings, k):
+            setattr(settings, k, v)
+    return settings
+
+
+def load_for_inference(path: str | Path, dtype: torch.dtype | str | None = None, device: str | None = None,
                        base: str | Path | None = None) -> Loaded:
     """A model ready for generation. An adapter folder (adapter_config.json) is applied to its base."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist")
     device = device or default_device()
-    dtype = dtype or default_dtype(device)
-    meta = read_run_meta(path)
-    if (path / "adapter_config.json").exists():
-        from peft import PeftModel
+    dtype = parse_dtype(dtype) or default_dtype(device)
+    meta = read_run_meta(path) or {}
+    with quiet_loading():
+        if (path / "adapter_config.json").exists():
+            from peft import PeftModel
 
-        base_path = Path(base) if base else Path(meta["base_model"]) if meta else None
-        if base_path is None:
-            raise UserError(f"{path}: adapter folder without {RUN_META}; pass the base model with --base")
-        info = inspect_checkpoint(base_path)
-        model = load_model(base_path, dtype=dtype)
-        model = PeftModel.from_pretrained(model, str(path))
-        tokenizer = load_tokenizer(base_path)
-    else:
-        info = inspect_checkpoint(path)
-        model = load_model(path, dtype=dtype)
-        tokenizer = load_tokenizer(path)
-    settings = EncodeSettings.from_checkpoint(info, template=meta["template"] if meta else None)
-    if meta:  # the tiling used in training
-        for k, v in meta.get("encode", {}).items():
-            setattr(settings, k, v)
+            base_path = Path(base) if base else Path(meta["base_model"]) if meta.get("base_model") else None
+            if base_path is None:
+                raise UserError(f"{path}: adapter folder without {RUN_META}; pass the base model with --base")
+            if not base_path.exists():
+                raise UserError(f"{path}: its base model {base_path} does not exist; pass the base model with --base")
+            info = inspect_checkpoint(base_path)
+            model = load_model(base_path, dtype=dtype)
+            model = PeftModel.from_pretrained(model, str(path))
+            tokenizer = load_tokenizer(base_path)
+        else:
+            info = inspect_checkpoint(path)
+            model = load_model(path, dtype=dtype)
+            tokenizer = load_tokenizer(path)
+    settings = settings_for(info, meta)
     model.to(device).eval()
-    return Loaded(model, tokenizer, settings, device)
+    return Loaded(model, tokenizer, settings, device, str(path), meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompt building
+# --------------------------------------------------------------------------------------------------
 
 
 def image_tiles(paths: list[str], settings: EncodeSettings, blank: bool = False) -> tuple[list, list[int]]:
-    """Tiles of the given images with the training tiling (the per-image budget split as in training)."""
+    """uint8 tile pieces of the given images, through the same code as training (`data.encode.image_tiles`:
+    same grid, same resize kernel, same budget split over several images), and the tile count per image.
+    `blank` replaces every pixel by white (to check that answers depend on the images)."""
+    from .data.encode import image_tiles as encode_tiles
     from .data.encode import tiles_budget
 
     budget = tiles_budget(settings, None, len(paths))
-    tiles, counts = [], []
+    pieces, counts = [], []
     for p in paths:
-        img = open_image(p, settings.max_image_pixels, (p, 0))
+        if settings.dynamic_image_size:
+            these = encode_tiles(p, settings, budget, (p, 0))
+        else:  # one tile: the whole image resized, as dynamic_image_size=False does in training
+            these = [frame_tile(open_image(p, settings.max_image_pixels, (p, 0)), settings.tile_size)]
         if blank:
-            from PIL import Image
+            these = [torch.full_like(t, 255) for t in these]
+        pieces += these
+        counts.append(sum(t.shape[0] for t in these))
+    return pieces, counts
 
-            img = Image.new("RGB", img.size, (255, 255, 255))
-        t = (tile_image(img, settings.tile_size, budget, settings.min_dynamic_patch, settings.use_thumbnail)
-             if settings.dynamic_image_size else [img])
-        tiles += t
-        counts.append(len(t))
-    return tiles, counts
+
+def place_placeholders(question: str, history: list[tuple[str, str]] | None, n_images: int,
+                       n_frames: int | None = None) -> tuple[str, list[tuple[str, str]]]:
+    """Put the `<image>` placeholders where the official chat puts them, counting those already in the
+    history: a conversation whose text has none gets them in front of its first question
+    (`<image>\\n` for one image, `Image-k: <image>\\n` lines for several, `Frame-k: <image>\\n` for video)."""
+    history = list(history or [])
+    texts = [q for q, _ in history] + [question]
+    present = sum(t.count(IMAGE_PLACEHOLDER) for t in texts)
+    if n_frames is not None:
+        if present == 0 or VIDEO_PLACEHOLDER in texts[0]:
+            from .data.video import expand_video_placeholder
+
+            texts[0] = expand_video_placeholder(texts[0], n_frames)
+        wanted, what = n_frames, "video frame(s)"
+    else:
+        if n_images and present == 0:
+            texts[0] = (IMAGE_PLACEHOLDER + "\n" if n_images == 1 else "".join(
+                f"Image-{k + 1}: {IMAGE_PLACEHOLDER}\n" for k in range(n_images))) + texts[0]
+        wanted, what = n_images, "image(s)"
+    found = sum(t.count(IMAGE_PLACEHOLDER) for t in texts)
+    if found != wanted:
+        raise UserError(f"the conversation has {found} {IMAGE_PLACEHOLDER} placeholder(s) for {wanted} {what}")
+    history = [(q, a) for q, (_, a) in zip(texts[:-1], history)]
+    return texts[-1], history
+
+
+def encode_prompt(question: str, history: list[tuple[str, str]], counts: list[int], settings: EncodeSettings,
+                  tokenizer, system: str | None = None) -> list[int]:
+    """Token ids of a prompt whose placeholders are already placed: each `<image>` becomes
+    `<img>` + tiles x tokens_per_tile `<IMG_CONTEXT>` + `</img>`, in order over history and question."""
+    k = 0
+
+    def expand(text: str) -> str:
+        nonlocal k
+        while IMAGE_PLACEHOLDER in text and k < len(counts):
+            text = text.replace(IMAGE_PLACEHOLDER, IMAGE_BLOCK, 1)
+            k += 1
+        return text
+
+    history = [(expand(q), a) for q, a in history]
+    question = expand(question)
+    prompt = build_prompt(settings.template, question, history, system)
+    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+    out, n = [], 0
+    for t in ids:
+        if t == context_id:
+            if n >= len(counts):
+                raise UserError(f"the text itself contains {IMG_CONTEXT_TOKEN}; remove it from the question")
+            out.extend([context_id] * (counts[n] * settings.tokens_per_tile))
+            n += 1
+        else:
+            out.append(t)
+    if n != len(counts):
+        raise UserError(f"{len(counts)} image(s) but {n} image block(s) in the prompt")
+    return out
+
+
+def load_frames(video: str, settings: EncodeSettings, clip=None, num_frames: int | None = None) -> list:
+    """Deterministic frames for inference: `num_frames` (default 8, within the run's frame range) at the
+    middle of equal segments, as the official video demo samples them."""
+    from .data.video import load_video
+
+    n = num_frames or min(max(settings.min_num_frames, CHAT_VIDEO_FRAMES), settings.max_num_frames)
+    return load_video(video, "middle", settings.min_num_frames, settings.max_num_frames, clip=clip, num_frames=n)
 
 
 def build_inputs(question: str, images: list[str], settings: EncodeSettings, tokenizer,
                  history: list[tuple[str, str]] | None = None, system: str | None = None,
                  blank: bool = False, video_frames: list | None = None) -> tuple[list[int], torch.Tensor | None]:
-    """Token ids and pixel values for one question, as the official `chat` builds them."""
-    tiles, counts = [], []
+    """Token ids and pixel values for one question (with its history), as the official `chat` builds them."""
     if video_frames is not None:
-        from .data.video import frame_prompt
-
-        prompt = frame_prompt(len(video_frames))
-        question = question.replace(VIDEO_PLACEHOLDER + "\n", prompt, 1) if VIDEO_PLACEHOLDER in question \
-            else prompt + question
-        tiles, counts = list(video_frames), [1] * len(video_frames)
+        tiles, counts = [frame_tile(f, settings.tile_size) for f in video_frames], [1] * len(video_frames)
     elif images:
-        n_placeholders = question.count(IMAGE_PLACEHOLDER)
-        if n_placeholders == 0:
-            question = (IMAGE_PLACEHOLDER + "\n") * len(images) + question if len(images) == 1 else "".join(
-                f"Image-{k + 1}: {IMAGE_PLACEHOLDER}\n" for k in range(len(images))) + question
-        elif n_placeholders != len(images):
-            raise UserError(f"the question has {n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for {len(images)} image(s)")
         tiles, counts = image_tiles(images, settings, blank=blank)
-    for _ in counts:
-        question = question.replace(IMAGE_PLACEHOLDER, IMAGE_BLOCK, 1)
-    prompt = build_prompt(settings.template, question, history, system)
-    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
-    out, k = [], 0
-    for t in ids:
-        if t == context_id:
-            out.extend([context_id] * (counts[k] * settings.tokens_per_tile))
-            k += 1
-        else:
-            out.append(t)
-    pixels = normalize_tiles(tiles, settings.tile_size, settings.normalize_type) if tiles else None
-    return out, pixels
+    else:
+        tiles, counts = [], []
+    question, history = place_placeholders(question, history, len(images or []),
+                                           len(video_frames) if video_frames is not None else None)
+    ids = encode_prompt(question, history, counts, settings, tokenizer, system)
+    pixels = normalize(tiles, settings.normalize_type) if tiles else None
+    return ids, pixels
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------------
+
+
+def stop_ids(loaded: Loaded) -> list[int]:
+    tok = loaded.tokenizer
+    stop = tok.convert_tokens_to_ids(loaded.settings.template.stop)
+    if stop is None or stop == tok.unk_token_id:
+        raise UserError(f"the tokenizer has no {loaded.settings.template.stop!r} token, the stop token of template "
+                        f"{loaded.settings.template.name!r}; is the template right?")
+    return [stop]
+
+
+def decode_answer(loaded: Loaded, row: list[int], stops: list[int]) -> str:
+    """The answer of one generated row: cut at the first stop token, decoded as `model.chat` does."""
+    cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+    row = row[:cut]
+    template = loaded.settings.template
+    if template.answer_prefix:  # GPT-OSS: keep special tokens, drop the channel header the model writes
+        return parse_response(template, loaded.tokenizer.decode(row, skip_special_tokens=False))
+    return loaded.tokenizer.decode(row, skip_special_tokens=True).strip()
 
 
 @torch.no_grad()
 def generate(loaded: Loaded, batch: list[tuple[list[int], torch.Tensor | None]], max_new_tokens: int = 64) -> list[str]:
-    """Greedy answers for a batch of (ids, pixels), left-padded."""
+    """Greedy answers for a batch of (ids, pixels), left-padded, stopping at the template's stop token."""
     tok, model = loaded.tokenizer, loaded.model
-    stop_id = tok.convert_tokens_to_ids(loaded.settings.template.stop)
+    stops = stop_ids(loaded)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
     longest = max(len(ids) for ids, _ in batch)
-    input_ids = torch.full((len(batch), longest), tok.pad_token_id, dtype=torch.long)
+    input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
     attention = torch.zeros((len(batch), longest), dtype=torch.long)
     for k, (ids, _) in enumerate(batch):
         input_ids[k, longest - len(ids):] = torch.tensor(ids)
@@ -149,29 +276,75 @@ def generate(loaded: Loaded, batch: list[tuple[list[int], torch.Tensor | None]],
     pixels = [p for _, p in batch if p is not None]
     kwargs = {}
     if pixels:
-        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-        kwargs["pixel_values"] = torch.cat(pixels).to(loaded.device, dtype)
+        kwargs["pixel_values"] = torch.cat(pixels).to(loaded.device, loaded.dtype)
     out = model.generate(
         input_ids=input_ids.to(loaded.device), attention_mask=attention.to(loaded.device), **kwargs,
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_id, pad_token_id=tok.pad_token_id,
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
+        eos_token_id=stops, pad_token_id=pad_id,
     )
-    new = out[:, longest:]
-    answers = []
-    for row in new.tolist():
-        if stop_id in row:
-            row = row[: row.index(stop_id)]
-        answers.append(tok.decode(row, skip_special_tokens=True).strip())
-    return answers
+    return [decode_answer(loaded, row, stops) for row in out[:, longest:].tolist()]
+
+
+class ChatSession:
+    """A conversation about fixed images or a video: each `ask` sees the whole history."""
+
+    def __init__(self, loaded: Loaded, images: list[str] | None = None, video: str | None = None,
+                 max_new_tokens: int = 256, system: str | None = None, num_frames: int | None = None):
+        if images and video:
+            raise UserError("give images or a video, not both")
+        self.loaded, self.max_new_tokens, self.system = loaded, max_new_tokens, system
+        self.images = list(images or [])
+        self.frames = load_frames(video, loaded.settings, num_frames=num_frames) if video else None
+        s = loaded.settings
+        if self.frames is not None:
+            tiles, self.counts = [frame_tile(f, s.tile_size) for f in self.frames], [1] * len(self.frames)
+        else:
+            tiles, self.counts = image_tiles(self.images, s) if self.images else ([], [])
+        self.pixels = normalize(tiles, s.normalize_type) if tiles else None
+        self.history: list[tuple[str, str]] = []
+
+    def ask(self, question: str) -> str:
+        s = self.loaded.settings
+        n_frames = len(self.frames) if self.frames is not None else None
+        question, history = place_placeholders(question, self.history, len(self.images), n_frames)
+        ids = encode_prompt(question, history, self.counts, s, self.loaded.tokenizer, self.system)
+        answer = generate(self.loaded, [(ids, self.pixels)], self.max_new_tokens)[0]
+        self.history = history + [(question, answer)]
+        return answer
 
 
 def chat_once(loaded: Loaded, question: str, images: list[str] | None = None, video: str | None = None,
               max_new_tokens: int = 256, history=None) -> str:
-    frames = None
-    if video:
-        from .data.video import load_video
+    session = ChatSession(loaded, images, video, max_new_tokens)
+    session.history = list(history or [])
+    return session.ask(question)
 
-        s = loaded.settings
-        frames = load_video(video, "middle", s.min_num_frames, s.max_num_frames)
-    ids, pixels = build_inputs(question, images or [], loaded.settings, loaded.tokenizer, history=history,
-                               video_frames=frames)
-    return generate(loaded, [(ids, pixels)], max_new_tokens)[0]
+
+def interactive(loaded: Loaded, images: list[str] | None = None, video: str | None = None,
+                max_new_tokens: int = 256, lines: Iterable[str] | None = None, out: IO[str] | None = None) -> int:
+    """One question per input line, one answer line per question (newlines in an answer are kept as
+    `\\n` so that each answer is one line). Stops at an empty line or end of input; returns the turns."""
+    lines = sys.stdin if lines is None else lines
+    out = sys.stdout if out is None else out
+    session = ChatSession(loaded, images, video, max_new_tokens)
+    if getattr(lines, "isatty", lambda: False)():
+        print("interactive chat: one question per line, empty line or Ctrl-D to quit", file=sys.stderr)
+    for line in lines:
+        q = line.rstrip("\n")
+        if not q.strip():
+            break
+        answer = session.ask(q.replace("\\n", "\n"))
+        print(answer.replace("\n", "\\n"), file=out, flush=True)
+    return len(session.history)
+
+
+def run_chat(model: str, question: str | None = None, images: list[str] | None = None, video: str | None = None,
+             max_new_tokens: int = 256, dtype: str | torch.dtype | None = None, base: str | None = None,
+             device: str | None = None) -> None:
+    """The `chat` command: load, then answer the question, or every stdin line when there is none.
+    Only answers are written to stdout."""
+    loaded = load_for_inference(model, dtype=dtype, base=base, device=device)
+    if question is not None:
+        print(chat_once(loaded, question.replace("\\n", "\n"), images, video, max_new_tokens), flush=True)
+        return
+    interactive(loaded, images, video, max_new_tokens)

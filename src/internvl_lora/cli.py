@@ -124,14 +124,13 @@ def merge(
     base: Optional[str] = typer.Option(None, help="base checkpoint (default: the one recorded in the adapter)"),
     dtype: Optional[str] = typer.Option(None, help="bfloat16 | float16 | float32 (default: the base's)"),
     overwrite: bool = typer.Option(False, help="replace OUT if it exists"),
+    streaming: bool = typer.Option(False, help="merge shard by shard without building the model (large models)"),
+    check: bool = typer.Option(True, help="run the logits parity check before the output is published"),
 ):
     """Merge adapters into a standalone checkpoint in the base's format, with a parity check."""
-    import torch
-
     from .merge import merge as run_merge
 
-    dt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype) if dtype else None
-    report = run_merge(adapter, out, base=base, dtype=dt, overwrite=overwrite)
+    report = run_merge(adapter, out, base=base, dtype=dtype, overwrite=overwrite, streaming=streaming, check=check)
     print(json.dumps(report, indent=2))
 
 
@@ -146,25 +145,9 @@ def chat(
     base: Optional[str] = typer.Option(None, help="base checkpoint for an adapter folder"),
 ):
     """Ask a question about images or a video; greedy decoding; only the answer goes to stdout."""
-    import torch
+    from .chat import run_chat
 
-    from .chat import chat_once, load_for_inference
-
-    dt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype) if dtype else None
-    loaded = load_for_inference(model, dtype=dt, base=base)
-    if question is not None:
-        print(chat_once(loaded, question.replace("\\n", "\n"), image, video, max_new_tokens))
-        return
-    history: list[tuple[str, str]] = []
-    print("interactive chat: one question per line, empty line or Ctrl-D to quit", file=sys.stderr)
-    for line in sys.stdin:
-        q = line.rstrip("\n")
-        if not q:
-            break
-        answer = chat_once(loaded, q, image if not history else [], video if not history else None, max_new_tokens,
-                           history=history)
-        print(answer, flush=True)
-        history.append((q, answer))
+    run_chat(model, question, image, video, max_new_tokens, dtype, base)
 
 
 @app.command()

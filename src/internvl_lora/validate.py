@@ -4,20 +4,24 @@
 
 BASE / TUNED: checkpoint folders of either format, or an adapter folder (applied to its base).
 HELDOUT: a meta file or a .jsonl in the official format; for each sample the last question is asked
-(earlier turns given as history) and the answer is compared with the last reference answer.
+(earlier turns given as history, images attached where the sample puts them) and the answer is compared
+with the last reference answer. Generation is greedy and batched with left padding (the answers equal
+those of batch size 1; tests/test_validate.py checks it).
 Writes `validation.json` (per sample and overall exact match, ANLS, ROUGE-L) and a self-contained
-`report.html`.
+`report.html` (summary, per-sample images / question / reference / both answers marked right or wrong,
+and the training loss curve when the run folder can be found).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .chat import Loaded, build_inputs, generate, load_for_inference
+from .chat import RUN_META, Loaded, build_inputs, generate, load_for_inference
 from .data.audit import Problem
 from .data.records import load_meta, parse_record, read_lines
 from .errors import DataError, UserError
@@ -47,31 +51,66 @@ def heldout_samples(data: str, limit: int | None = None) -> tuple[list[dict], li
 
 def answer_all(loaded: Loaded, samples: list[dict], batch_size: int, max_new_tokens: int, blank: bool,
                desc: str) -> list[str]:
+    """Greedy answers, `batch_size` samples at a time (left padding); a progress bar on stderr."""
     answers: list[str] = []
-    for start in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch", leave=False):
-        chunk = samples[start:start + batch_size]
-        batch = [build_inputs(s["question"], s["images"], loaded.settings, loaded.tokenizer, s["history"],
-                              s["system"], blank=blank) for s in chunk]
-        answers += generate(loaded, batch, max_new_tokens)
+    with tqdm(total=len(samples), desc=desc, unit="sample", file=sys.stderr, leave=False) as bar:
+        for start in range(0, len(samples), max(1, batch_size)):
+            chunk = samples[start:start + max(1, batch_size)]
+            batch = []
+            for s in chunk:
+                try:
+                    batch.append(build_inputs(s["question"], s["images"], loaded.settings, loaded.tokenizer,
+                                              s["history"], s["system"], blank=blank))
+                except UserError as e:
+                    raise UserError(f"{s['source']}: {e}") from None
+            answers += generate(loaded, batch, max_new_tokens)
+            bar.update(len(chunk))
     return answers
 
 
-def evaluate(model_path: str, samples: list[dict], batch_size: int = 8, max_new_tokens: int = 32,
+def evaluate(model_path: str | Loaded, samples: list[dict], batch_size: int = 8, max_new_tokens: int = 32,
              blank: bool = False, desc: str = "model") -> tuple[list[str], list[dict], dict]:
-    loaded = load_for_inference(model_path)
+    loaded = model_path if isinstance(model_path, Loaded) else load_for_inference(model_path)
     answers = answer_all(loaded, samples, batch_size, max_new_tokens, blank, desc)
     scores = [score(a, s["reference"]) for a, s in zip(answers, samples)]
     return answers, scores, aggregate(scores)
 
 
-def loss_curve_of(tuned: str) -> list[tuple[int, float]] | None:
-    """The training loss curve, when the tuned model is an adapter folder inside a run folder."""
-    for folder in (Path(tuned), Path(tuned).parent):
-        f = folder / "metrics.jsonl"
-        if f.exists():
-            rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
-            return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+def run_folder_of(tuned: str | Path) -> Path | None:
+    """The training run folder a tuned model came from: RUN for an adapter folder RUN/adapter (or a
+    checkpoint RUN/checkpoint-N), and the adapter's run for a merged folder (`merged_from` in its
+    internvl_lora.json). None when no metrics.jsonl is found."""
+    tuned = Path(tuned)
+    candidates = [tuned, tuned.parent]
+    meta_file = tuned / RUN_META
+    if meta_file.exists():
+        try:
+            merged_from = json.loads(meta_file.read_text()).get("merged_from")
+        except (OSError, json.JSONDecodeError):
+            merged_from = None
+        if merged_from:
+            candidates = [Path(merged_from), Path(merged_from).parent] + candidates
+    for folder in candidates:
+        if (folder / "metrics.jsonl").is_file():
+            return folder
     return None
+
+
+def loss_curve_of(tuned: str | Path) -> list[tuple[int, float]] | None:
+    """The training loss curve of the run the tuned model came from (see `run_folder_of`); on a resumed
+    run the last value logged for a step wins."""
+    run = run_folder_of(tuned)
+    if run is None:
+        return None
+    by_step: dict[int, float] = {}
+    for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by an interrupted run
+        if isinstance(row, dict) and "loss" in row and "step" in row:
+            by_step[int(row["step"])] = float(row["loss"])
+    return sorted(by_step.items()) or None
 
 
 def validate(base: str, tuned: str, data: str, out_dir: str, batch_size: int = 8, max_new_tokens: int = 32,
@@ -83,12 +122,20 @@ def validate(base: str, tuned: str, data: str, out_dir: str, batch_size: int = 8
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base_answers, base_scores, base_summary = evaluate(base, samples, batch_size, max_new_tokens, False, "base")
-    tuned_answers, tuned_scores, tuned_summary = evaluate(tuned, samples, batch_size, max_new_tokens, False, "tuned")
+    tuned_loaded = load_for_inference(tuned)
+    tuned_answers, tuned_scores, tuned_summary = evaluate(tuned_loaded, samples, batch_size, max_new_tokens, False,
+                                                          "tuned")
     summary = {"base": base_summary, "tuned": tuned_summary}
     if blank_images:
-        _, _, summary["tuned, images blanked"] = evaluate(tuned, samples, batch_size, max_new_tokens, True, "blank")
+        _, _, summary["tuned, images blanked"] = evaluate(tuned_loaded, samples, batch_size, max_new_tokens, True,
+                                                          "blank")
+    del tuned_loaded
     summary["samples"] = len(samples)
     summary["skipped (problems)"] = len(problems)
+    summary["base model"] = str(base)
+    summary["tuned model"] = str(tuned)
+    summary["data"] = str(data)
+    summary["max_new_tokens"] = max_new_tokens
     summary["seconds"] = round(time.time() - t0, 1)
     rows = []
     for s, ba, bs, ta, ts in zip(samples, base_answers, base_scores, tuned_answers, tuned_scores):

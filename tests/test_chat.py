@@ -1,0 +1,161 @@
+"""chat: the merged checkpoint answers as the adapter folder does, tiling comes from the run, sessions keep
+their images, video frames, and through the CLI stdout holds the answer lines and nothing else."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+from internvl_lora.chat import (
+    ChatSession, build_inputs, chat_once, generate, image_tiles, interactive, load_for_inference,
+)
+from internvl_lora.internvl.constants import IMG_CONTEXT_TOKEN
+from internvl_lora.merge import merge
+
+MAX_NEW = 12
+
+
+def shared_run(tmp_path_factory) -> Path:
+    """A tiny model, its synthetic data and an LLM-LoRA run (16 steps, 2 tiles per image at most),
+    built once per test session and shared by tests/test_chat.py and tests/test_validate.py."""
+    from internvl_lora.config import load_config
+    from internvl_lora.demo import prepare
+    from internvl_lora.train import train
+
+    root = tmp_path_factory.getbasetemp() / "shared-llm-lora-run"
+    if not (root / "done").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        cfg = prepare(root, n_train=16, n_heldout=8)
+        train(load_config(cfg, ["train.max_steps=16", "train.report_to=[]", "train.per_device_batch_size=4",
+                                "train.logging_steps=1", "train.save_steps=1000", "data.max_dynamic_patch=2"]))
+        (root / "done").touch()
+    return root
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    d = shared_run(tmp_path_factory)
+    adapter = d / "run" / "adapter"
+    merged = tmp_path_factory.mktemp("chat") / "merged"
+    merge(adapter, merged)
+    rows = [json.loads(x) for x in (d / "data" / "heldout.jsonl").read_text().splitlines()]
+    single = [r for r in rows if isinstance(r.get("image"), str)]
+    images = [str(d / "data" / r["image"]) for r in single[:3]]
+    return SimpleNamespace(dir=d, base=d / "model", adapter=adapter, merged=merged, images=images,
+                           adapter_model=load_for_inference(adapter), merged_model=load_for_inference(merged))
+
+
+def test_tiling_comes_from_the_run_not_the_checkpoint(ws):
+    assert json.loads((ws.base / "preprocessor_config.json").read_text())["max_patches"] == 6
+    for loaded in (ws.adapter_model, ws.merged_model):
+        assert loaded.settings.max_dynamic_patch == 2
+    assert json.loads((ws.merged / "preprocessor_config.json").read_text())["max_patches"] == 2
+    wide = ws.dir / "wide.png"
+    Image.new("RGB", (400, 100), (200, 30, 30)).save(wide)
+    _, counts = image_tiles([str(wide)], ws.merged_model.settings)
+    assert counts == [3]  # 2 tiles + thumbnail (the checkpoint's 6 would give 4 + 1)
+
+
+def test_merged_model_answers_like_the_adapter_folder(ws):
+    questions = ["What color is the shape?", "Describe the image."]
+    answers = {}
+    for name, loaded in (("adapter", ws.adapter_model), ("merged", ws.merged_model)):
+        answers[name] = [ChatSession(loaded, [img], max_new_tokens=MAX_NEW).ask(q)
+                         for img in ws.images for q in questions]
+    assert answers["adapter"] == answers["merged"]
+    assert any(a for a in answers["merged"])
+
+
+def test_session_keeps_the_images_in_the_history(ws):
+    loaded = ws.merged_model
+    img = ws.images[0]
+    session = ChatSession(loaded, [img], max_new_tokens=MAX_NEW)
+    a1 = session.ask("What color is the shape?")
+    a2 = session.ask("Are you sure?")
+    assert session.history[0] == ("<image>\nWhat color is the shape?", a1)
+    ids, pixels = build_inputs("Are you sure?", [img], loaded.settings, loaded.tokenizer,
+                               history=[("What color is the shape?", a1)])
+    context = loaded.tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+    _, counts = image_tiles([img], loaded.settings)
+    assert ids.count(context) == counts[0] * loaded.settings.tokens_per_tile  # the image is in turn 1
+    assert generate(loaded, [(ids, pixels)], MAX_NEW) == [a2]
+    no_image, _ = build_inputs("Are you sure?", [], loaded.settings, loaded.tokenizer,
+                               history=[("What color is the shape?", a1)])
+    assert no_image.count(context) == 0 and no_image != ids
+
+
+def test_placeholders_in_history_are_counted(ws):
+    loaded = ws.merged_model
+    context = loaded.tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+    two = ws.images[:2]
+    ids, pixels = build_inputs("Which one is red?", two, loaded.settings, loaded.tokenizer,
+                               history=[("Image-1: <image>\nImage-2: <image>\nLook at these.", "ok")])
+    _, counts = image_tiles(two, loaded.settings)
+    assert ids.count(context) == sum(counts) * loaded.settings.tokens_per_tile
+    assert pixels.shape[0] == sum(counts)
+    prompt = loaded.tokenizer.decode(ids)
+    assert prompt.count("<img>") == 2 and "Image-1: <img>" in prompt and "Which one is red?" in prompt
+    from internvl_lora.errors import UserError
+
+    with pytest.raises(UserError, match="placeholder"):
+        build_inputs("<image>\nAnd this?", two, loaded.settings, loaded.tokenizer,
+                     history=[("Image-1: <image>\nImage-2: <image>\nLook.", "ok")])
+
+
+def test_video_frames(ws, tmp_path):
+    gif = tmp_path / "clip.gif"
+    frames = [Image.new("RGB", (96, 64), (20 * k, 100, 255 - 20 * k)) for k in range(12)]
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100)
+    session = ChatSession(ws.merged_model, video=str(gif), max_new_tokens=4)
+    assert len(session.frames) == 8 and session.pixels.shape[0] == 8
+    answer = session.ask("What happens?")
+    assert isinstance(answer, str)
+    assert session.history[0][0].startswith("Frame-1: <image>\nFrame-2: <image>\n")
+    assert answer == chat_once(ws.merged_model, "What happens?", video=str(gif), max_new_tokens=4)
+
+
+def test_interactive_reads_one_question_per_line(ws):
+    import io
+
+    out = io.StringIO()
+    turns = interactive(ws.merged_model, [ws.images[0]], None, MAX_NEW,
+                        lines=["What color is the shape?\n", "Are you sure?\n", "\n", "never asked\n"], out=out)
+    session = ChatSession(ws.merged_model, [ws.images[0]], max_new_tokens=MAX_NEW)
+    expected = [session.ask("What color is the shape?"), session.ask("Are you sure?")]
+    assert turns == 2 and out.getvalue().splitlines() == expected
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "internvl_lora.cli", "chat", *args], input=stdin,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_one_shot_writes_only_the_answer_to_stdout(ws, capfd):
+    """`run_chat` (what `internvl-lora chat MODEL --image X "question"` runs): the answer and a newline on
+    file descriptor 1, loading messages and bars elsewhere."""
+    from internvl_lora.chat import run_chat
+
+    q = "What color is the shape?"
+    capfd.readouterr()
+    run_chat(str(ws.merged), q, [ws.images[1]], max_new_tokens=MAX_NEW)
+    captured = capfd.readouterr()
+    assert captured.out == chat_once(ws.merged_model, q, [ws.images[1]], max_new_tokens=MAX_NEW) + "\n"
+
+
+def test_cli_interactive_on_the_adapter_folder(ws):
+    q1, q2 = "What color is the shape?", "Describe the image."
+    proc = _cli(str(ws.adapter), "--image", ws.images[2], "--max-new-tokens", str(MAX_NEW), stdin=f"{q1}\n{q2}\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.split("\n")
+    assert len(lines) == 3 and lines[2] == "", proc.stdout  # exactly two answer lines
+    assert lines[0] == chat_once(ws.adapter_model, q1, [ws.images[2]], max_new_tokens=MAX_NEW)
