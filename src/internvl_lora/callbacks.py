@@ -1,6 +1,8 @@
-"""Trainer callbacks: a dense log line, a loss-curve PNG, and a loss-health watchdog.
+"""Trainer callbacks: a dense log line, a loss-curve PNG, a loss-health watchdog and a generation metric.
 
-Generic: nothing here knows which model is trained.
+Generic: nothing here knows which model is trained. Every decision that stops training is taken
+the same way on every rank (flags are all-reduced), so a diagnosis never leaves one rank waiting in
+a collective for the others.
 """
 
 from __future__ import annotations
@@ -13,25 +15,62 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from .errors import UserError
+
+
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def all_reduce(values: list[float], op: str = "sum", device=None) -> list[float]:
+    """Reduce a few numbers over all ranks (identity without torch.distributed)."""
+    if not _dist_ready() or torch.distributed.get_world_size() == 1:
+        return list(values)
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) \
+            if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op={"sum": torch.distributed.ReduceOp.SUM,
+                                        "max": torch.distributed.ReduceOp.MAX}[op])
+    return t.tolist()
+
 
 class StepStats:
-    """Counters the trainer fills on every micro-batch (tokens, trained tokens, image tiles)."""
+    """Counters the trainer fills on every training micro-batch (tokens, trained tokens, image tiles).
+
+    `tokens`, `trained`, `tiles` are this rank's; `sync()` (called at every log, on every rank) adds
+    up all ranks into `global_*`. `step_losses` / `step_empty` cover the current optimizer step only
+    (the watchdog reads and clears them).
+    """
 
     def __init__(self):
         self.tokens = 0
         self.trained = 0
         self.tiles = 0
         self.empty_batches = 0
+        self.step_empty = 0
+        self.step_losses: list[torch.Tensor] = []
+        self.global_tokens = self.global_trained = self.global_tiles = 0
 
     def add(self, inputs: dict) -> None:
         labels = inputs.get("labels")
         mask = inputs.get("attention_mask")
         self.tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
-        trained = int((labels != -100).sum()) if labels is not None else 0
+        # The loss shifts labels: position 0 of a row is never a prediction target.
+        trained = int((labels[..., 1:] != -100).sum()) if labels is not None else 0
         self.trained += trained
-        self.empty_batches += trained == 0
+        if trained == 0:
+            self.empty_batches += 1
+            self.step_empty += 1
         pv = inputs.get("pixel_values")
         self.tiles += int(pv.shape[0]) if pv is not None else 0
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self.step_losses.append(loss.detach().float().reshape(-1)[:1])
+
+    def sync(self) -> None:
+        self.global_tokens, self.global_trained, self.global_tiles = (
+            int(v) for v in all_reduce([self.tokens, self.trained, self.tiles]))
 
 
 def _fmt_time(seconds: float) -> str:
@@ -39,59 +78,101 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-class LogLine(TrainerCallback):
-    """One line per logging interval, rank 0 only: step, loss, lr, tokens/s, tiles/s, ETA, peak memory.
+def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
+    """Records of a metrics.jsonl (those logged after `up_to_step` are dropped: a resumed run redoes them)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+        if up_to_step is None or row.get("step", 0) <= up_to_step:
+            rows.append(row)
+    return rows
 
-    Also appends every logged record to `metrics.jsonl` in the output folder.
+
+class LogLine(TrainerCallback):
+    """One line per logging interval, rank 0 only: step, loss, lr, grad norm, share of trained tokens,
+    tokens/s, tiles/s (all ranks together), ETA, peak memory.
+
+    Also appends every logged record to `metrics.jsonl` in the output folder. On resume, records after
+    the resumed step are dropped first (they are logged again).
     """
 
-    def __init__(self, stats: StepStats, out_dir: str | Path, print_fn=print):
+    def __init__(self, stats: StepStats, out_dir: str | Path, print_fn=print, resume_step: int | None = None,
+                 is_main: bool = True):
         self.stats, self.out_dir, self.print = stats, Path(out_dir), print_fn
         self.t0 = self.t_last = None
+        self.start_step = 0
         self.last = (0, 0, 0)
         self.history: list[dict] = []
+        self.path = self.out_dir / "metrics.jsonl"
+        if resume_step is not None:
+            self.history = read_metrics(self.path, resume_step)
+            if is_main:
+                self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history), encoding="utf-8")
+        elif is_main and self.path.exists():
+            self.path.unlink()  # a fresh run: a metrics.jsonl left by an earlier run would mix two curves
 
     def on_train_begin(self, args, state, control, **kw):
         self.t0 = self.t_last = time.time()
-        self.last = (self.stats.tokens, self.stats.trained, self.stats.tiles)
+        self.start_step = state.global_step
+        self.last = (self.stats.global_tokens, self.stats.global_trained, self.stats.global_tiles)
+
+    def write(self, record: dict) -> None:
+        self.history.append(record)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not state.is_world_process_zero or not logs:
             return
         now = time.time()
+        if self.t0 is None:
+            self.t0 = self.t_last = now
         dt = max(1e-9, now - self.t_last)
-        tokens, trained, tiles = self.stats.tokens, self.stats.trained, self.stats.tiles
-        tok_s = (tokens - self.last[0]) / dt
-        tiles_s = (tiles - self.last[2]) / dt
+        tokens, trained, tiles = self.stats.global_tokens, self.stats.global_trained, self.stats.global_tiles
+        d_tokens, d_trained, d_tiles = tokens - self.last[0], trained - self.last[1], tiles - self.last[2]
+        tok_s, tiles_s = d_tokens / dt, d_tiles / dt
         self.t_last, self.last = now, (tokens, trained, tiles)
         elapsed = now - self.t0
-        eta = elapsed / max(1, state.global_step) * max(0, state.max_steps - state.global_step)
+        done = max(1, state.global_step - self.start_step)
+        eta = elapsed / done * max(0, state.max_steps - state.global_step)
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-        record = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))},
-                  "tokens_per_s": round(tok_s, 1), "tiles_per_s": round(tiles_s, 2),
-                  "trained_tokens": trained, "elapsed_s": round(elapsed, 1), "peak_mem_gib": round(mem, 2)}
-        self.history.append(record)
-        with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        record = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+        training_record = "loss" in logs
+        if training_record:
+            coverage = d_trained / d_tokens if d_tokens else 0.0
+            record.update({"tokens_per_s": round(tok_s, 1), "tiles_per_s": round(tiles_s, 2),
+                           "trained_tokens": trained, "label_coverage": round(coverage, 5),
+                           "elapsed_s": round(elapsed, 1), "peak_mem_gib": round(mem, 2)})
+        self.write(record)
         parts = [f"step {state.global_step}/{state.max_steps}"]
         if "loss" in logs:
             parts.append(f"loss {logs['loss']:.4f}")
-        if "eval_loss" in logs:
-            parts.append(f"eval_loss {logs['eval_loss']:.4f}")
+        for k, v in logs.items():
+            if k.startswith("eval_") and isinstance(v, (int, float)) and not k.endswith(
+                    ("_runtime", "_per_second")):
+                parts.append(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}")
         if "learning_rate" in logs:
             parts.append(f"lr {logs['learning_rate']:.2e}")
         if "grad_norm" in logs:
             parts.append(f"gnorm {logs['grad_norm']:.2f}")
-        parts += [f"{tok_s:,.0f} tok/s", f"{tiles_s:,.1f} tiles/s", f"eta {_fmt_time(eta)}"]
-        if mem:
-            parts.append(f"mem {mem:.1f} GiB")
-        self.print(" | ".join(parts))
+        if training_record:
+            parts += [f"trained {100 * record['label_coverage']:.1f}% of tokens", f"{tok_s:,.0f} tok/s",
+                      f"{tiles_s:,.1f} tiles/s", f"eta {_fmt_time(eta)}"]
+            if mem:
+                parts.append(f"mem {mem:.1f} GiB")
+        if len(parts) > 1:
+            self.print(" | ".join(parts))
 
 
 def plot_loss_curve(history: list[dict], path: str | Path) -> Path | None:
-    """Write a loss-curve PNG (train and eval loss against steps)."""
-    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
+    """Write a loss-curve PNG (train and eval loss against steps). Written to a temporary file first."""
+    train = [(r["step"], r["loss"]) for r in history if isinstance(r.get("loss"), (int, float))]
+    evals = [(r["step"], r["eval_loss"]) for r in history if isinstance(r.get("eval_loss"), (int, float))]
     if not train and not evals:
         return None
     import matplotlib
@@ -109,13 +190,16 @@ def plot_loss_curve(history: list[dict], path: str | Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
     plt.close(fig)
-    return Path(path)
+    tmp.replace(path)
+    return path
 
 
 class LossCurve(TrainerCallback):
-    """Writes `loss_curve.png` at every save and at the end of training."""
+    """Writes `loss_curve.png` at every save and at the end of training (rank 0)."""
 
     def __init__(self, log: LogLine, out_dir: str | Path):
         self.log, self.out_dir = log, Path(out_dir)
@@ -128,56 +212,209 @@ class LossCurve(TrainerCallback):
         self.on_save(args, state, control)
 
 
-class TrainingHealthError(RuntimeError):
-    """Training stopped by the watchdog; the message is the diagnosis."""
+class TrainingHealthError(UserError):
+    """Training stopped by the watchdog; the message is the diagnosis (printed by the CLI without traceback)."""
+
+
+def _local_tensor(p) -> torch.Tensor:
+    """The values this rank holds (DeepSpeed ZeRO-3 keeps the local shard in `ds_tensor`)."""
+    if p.numel() == 0 and hasattr(p, "ds_tensor"):
+        return p.ds_tensor
+    return p.detach()
+
+
+def lora_b_max(model) -> float | None:
+    """max |B| over every LoRA B matrix on all ranks (None: the model has none). Empty shards are skipped."""
+    local, found = 0.0, 0.0
+    for name, p in model.named_parameters():
+        if "lora_B" not in name:
+            continue
+        found = 1.0
+        t = _local_tensor(p)
+        if t.numel():
+            local = max(local, float(t.abs().max()))
+    local, found = all_reduce([local, found], "max")
+    return local if found else None
 
 
 class Watchdog(TrainerCallback):
     """Stops training with a diagnosis instead of letting it silently learn nothing.
 
-    - loss exactly 0 or not finite;
-    - a micro-batch with no trained token (every label masked);
+    - a micro-batch with no trained token (every label masked), checked at every optimizer step;
+    - a loss that is not finite (checked at every optimizer step) or exactly 0 (per logging interval);
     - LoRA B matrices still all zero after `lora_check_step` optimizer steps (no gradient reaches them);
-    - gradient norm above `max_grad_norm_alarm` for `patience` logged intervals in a row.
+    - a gradient norm that is not finite, or above `max_grad_norm_alarm` for `patience` logged
+      intervals in a row.
+
+    On a diagnosis the step is neither saved nor evaluated (a broken state must not rotate away the
+    last good checkpoint); `train` then raises `TrainingHealthError`.
     """
 
-    def __init__(self, stats: StepStats, model=None, lora_check_step: int = 3, max_grad_norm_alarm: float = 1e4,
+    def __init__(self, stats: StepStats, model=None, lora_check_step: int = 5, max_grad_norm_alarm: float = 1e4,
                  patience: int = 3):
         self.stats, self.model = stats, model
         self.lora_check_step, self.alarm, self.patience = lora_check_step, max_grad_norm_alarm, patience
         self.high = 0
         self.checked_lora = False
+        self.lora_starts_zero = False
         self.diagnosis: str | None = None
 
     def _stop(self, control, message: str):
-        self.diagnosis = message
+        if self.diagnosis is None:
+            self.diagnosis = message
         control.should_training_stop = True
+        control.should_save = False
+        control.should_evaluate = False
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        model = self.model if self.model is not None else model
+        if model is None:
+            return
+        b = lora_b_max(model)
+        # Only a zero-initialised B (default / gaussian init) must move; PiSSA/OLoRA start non-zero, and a
+        # resumed run may already be past the check.
+        self.lora_starts_zero = b == 0.0
+        self.checked_lora = state.global_step >= self.lora_check_step or not self.lora_starts_zero
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        losses = self.stats.step_losses
+        nonfinite = float(any(not torch.isfinite(x).all() for x in losses)) if losses else 0.0
+        empty, nonfinite = all_reduce([float(self.stats.step_empty), nonfinite], "sum")
+        bad_loss = next((float(x) for x in losses if not torch.isfinite(x).all()), float("nan"))
+        self.stats.step_losses, self.stats.step_empty = [], 0
+        if empty:
+            self._stop(control, f"{int(empty)} micro-batch(es) of optimizer step {state.global_step} had no trained "
+                                "token (every label is -100): the loss is 0 or NaN and nothing is learned. Check "
+                                "the label masking with `internvl-lora data inspect META --model CKPT --index 0`")
+            return
+        if nonfinite:
+            self._stop(control, f"the loss is {bad_loss} at optimizer step {state.global_step}: lower train.lr or raise "
+                                "train.warmup_ratio, check the data (`internvl-lora data check`), and prefer "
+                                "bfloat16/float32 to float16")
+            return
+        model = self.model if self.model is not None else model
+        if model is None or self.checked_lora or state.global_step < self.lora_check_step:
+            return
+        self.checked_lora = True
+        b = lora_b_max(model)
+        if b is not None and b == 0.0:
+            self._stop(control, f"every LoRA B matrix is still exactly zero after {state.global_step} optimizer "
+                                "steps: no update reaches the adapters (learning rate 0 or a scheduler stuck at 0? "
+                                "frozen inputs with reentrant gradient checkpointing?)")
 
     def on_log(self, args, state, control, logs=None, **kw):
         logs = logs or {}
         loss = logs.get("loss")
         if loss is not None:
             if not math.isfinite(loss):
-                self._stop(control, f"loss is {loss} at step {state.global_step}: lower train.lr, check the data "
-                                    "(run `internvl-lora data check`), or use float32/bf16 instead of fp16")
+                self._stop(control, f"the loss is {loss} at step {state.global_step}: lower train.lr or raise "
+                                    "train.warmup_ratio, check the data (`internvl-lora data check`), and prefer "
+                                    "bfloat16/float32 to float16")
             elif loss == 0.0:
-                self._stop(control, f"loss is exactly 0 at step {state.global_step}: no token is being trained "
+                self._stop(control, f"the loss is exactly 0 at step {state.global_step}: no token is being trained "
                                     "(labels all masked?) — run `internvl-lora data inspect` on a few samples")
         gn = logs.get("grad_norm")
         if gn is not None:
-            self.high = self.high + 1 if (not math.isfinite(gn) or gn > self.alarm) else 0
+            if not math.isfinite(gn):
+                self._stop(control, f"the gradient norm is {gn} at step {state.global_step}: the gradients overflowed; "
+                                    "lower train.lr, raise train.warmup_ratio, or use bfloat16 instead of float16")
+                return
+            self.high = self.high + 1 if gn > self.alarm else 0
             if self.high >= self.patience:
-                self._stop(control, f"gradient norm {gn} stayed above {self.alarm} for {self.patience} log "
-                                    "intervals: lower train.lr or raise warmup")
-        if self.stats.empty_batches:
-            self._stop(control, f"{self.stats.empty_batches} micro-batch(es) had no trained token")
+                self._stop(control, f"the gradient norm exploded: {gn:.3g} at step {state.global_step}, above "
+                                    f"{self.alarm:g} (train.watchdog_grad_norm) for {self.patience} log intervals in "
+                                    "a row: lower train.lr or raise train.warmup_ratio")
+
+
+def generation_samples(lines, limit: int) -> list[dict]:
+    """(question, history, images, reference) of the first `limit` held-out lines (image or text samples)."""
+    from .data.records import parse_record
+    from .errors import DataError
+
+    samples, seen = [], set()
+    for ln in lines:
+        if len(samples) >= limit:
+            break
+        if ln.index in seen:
+            continue
+        seen.add(ln.index)
+        try:
+            rec = parse_record(ln)
+        except DataError:
+            continue
+        if rec.video:
+            continue
+        turns = rec.turns
+        history = [(turns[k][1], turns[k + 1][1]) for k in range(0, len(turns) - 2, 2)]
+        samples.append({"question": turns[-2][1], "history": history, "images": rec.images,
+                        "reference": turns[-1][1], "system": rec.system})
+    return samples
+
+
+class GenerationEval(TrainerCallback):
+    """Every `every` optimizer steps (and at the end), greedy answers on held-out samples, scored with
+    exact match / ANLS / ROUGE-L and logged as `eval_gen_<metric>` (metrics.jsonl, tensorboard, the log line).
+
+    The samples are split over the ranks and the scores gathered, so every rank runs the same
+    number of `generate` calls (needed under ZeRO-3, where `generate` syncs the ranks).
+    """
+
+    def __init__(self, samples: list[dict], tokenizer, settings, every: int, max_new_tokens: int = 32,
+                 batch_size: int = 8):
+        self.samples, self.tokenizer, self.settings = samples, tokenizer, settings
+        self.every, self.max_new_tokens, self.batch_size = every, max_new_tokens, batch_size
+        self.trainer = None
+        self.watchdog: Watchdog | None = None  # no generation after a diagnosis
+        self.last_step = -1
+        self.results: list[dict] = []
+
+    def evaluate(self, model, device) -> dict:
+        from .chat import Loaded, build_inputs, generate
+        from .metrics import aggregate, score
+
+        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if _dist_ready() else (0, 1)
+        mine = self.samples[rank::world]
+        loaded = Loaded(model, self.tokenizer, self.settings, str(device))
+        was_training = model.training
+        model.eval()
+        rows = []
+        try:
+            # Every rank makes the same number of generate calls (the last one may be a repeat) for ZeRO-3.
+            n_calls = math.ceil(math.ceil(len(self.samples) / world) / self.batch_size)
+            for k in range(n_calls):
+                chunk = mine[k * self.batch_size:(k + 1) * self.batch_size]
+                real = len(chunk)
+                chunk = chunk or self.samples[:1]
+                batch = [build_inputs(s["question"], s["images"], self.settings, self.tokenizer, s["history"],
+                                      s["system"]) for s in chunk]
+                answers = generate(loaded, batch, self.max_new_tokens)
+                rows += [score(a, s["reference"]) for a, s in zip(answers[:real], chunk[:real])]
+        finally:
+            model.train(was_training)
+        if world > 1:
+            gathered: list = [None] * world
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        agg = aggregate(rows)
+        return {f"eval_gen_{k}": v for k, v in agg.items() if k != "count" and v is not None} | \
+            {"eval_gen_samples": agg["count"]}
+
+    def _run(self, state):
+        if self.trainer is None or not self.samples or state.global_step == self.last_step:
+            return
+        if self.watchdog is not None and self.watchdog.diagnosis:
+            return
+        self.last_step = state.global_step
+        metrics = self.evaluate(self.trainer.model, self.trainer.args.device)
+        self.results.append({"step": state.global_step, **metrics})
+        self.trainer.log(metrics)
 
     def on_step_end(self, args, state, control, **kw):
-        if self.model is None or self.checked_lora or state.global_step < self.lora_check_step:
-            return
-        self.checked_lora = True
-        bs = [p for n, p in self.model.named_parameters() if "lora_B" in n]
-        if bs and all(float(p.detach().abs().max()) == 0.0 for p in bs):
-            self._stop(control, f"every LoRA B matrix is still zero after {state.global_step} optimizer steps: "
-                                "no gradient reaches the adapters (frozen inputs with reentrant checkpointing? "
-                                "learning rate 0?)")
+        if self.every and state.global_step % self.every == 0 and not control.should_training_stop:
+            should_log = control.should_log
+            self._run(state)
+            control.should_log = should_log  # Trainer.log clears it: keep this step's training record
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.every:
+            self._run(state)

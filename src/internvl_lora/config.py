@@ -3,13 +3,16 @@
     internvl-lora train configs/seed_recipe.yaml train.lr=1e-4 data.max_length=4096
 
 Unknown keys are rejected with a suggestion, every problem is reported at once, and the resolved
-config is saved as `config.yaml` in the output folder.
+config is saved as `config.yaml` in the output folder. `docs/training.md` lists every field; the
+comment after each field below is its documentation (`reference()` renders them).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +22,13 @@ import yaml
 from .errors import ConfigError
 
 PARTS = ("frozen", "lora", "full")
+INITS = ("default", "gaussian", "pissa", "olora")
+DUMMY_VISION = ("auto", "always", "never")
 
 
 @dataclass
 class ModelArgs:
-    path: str = ""  # checkpoint folder (-hf or original format)
+    path: str = ""  # checkpoint folder (-hf or original format), e.g. a local download of OpenGVLab/InternVL3-8B-hf
     template: str | None = None  # conversation template; default: from the checkpoint
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32 (auto: bf16 on a GPU that has it, else fp32)
     attn_implementation: str = "sdpa"  # sdpa | eager | flex_attention | flash_attention_2
@@ -32,15 +37,16 @@ class ModelArgs:
 @dataclass
 class DataArgs:
     meta: str = ""  # meta JSON file (official format) or one .jsonl file
-    eval_meta: str | None = None  # held-out meta or .jsonl for eval loss during training
+    eval_meta: str | None = None  # held-out meta or .jsonl: eval loss during training (and generation metrics)
+    eval_fraction: float = 0.0  # without eval_meta: hold out this fraction of the training samples (deterministic, by seed)
     max_length: int = 8192  # tokens per sample after image expansion
     max_dynamic_patch: int | None = None  # max tiles per image; default: from the checkpoint
     truncation: str = "drop"  # drop: skip over-long samples (reported) | cut_text: cut text after the last image
     skip_invalid: bool = False  # train on the valid samples when the audit finds bad ones (counted, logged)
     max_image_pixels: int = 8192 * 8192  # larger images are rejected (decompression-bomb guard)
     video_sample: str = "rand"  # rand | middle | fpsX
-    min_num_frames: int = 8
-    max_num_frames: int = 32
+    min_num_frames: int = 8  # fewest frames sampled from a video
+    max_num_frames: int = 32  # most frames sampled from a video
     num_workers: int = 2  # data-loader worker processes
 
 
@@ -51,39 +57,48 @@ class PolicyArgs:
     vision: str = "frozen"  # frozen | lora | full
     projector: str = "frozen"  # frozen | full
     llm: str = "lora"  # frozen | lora | full
-    r: int = 16
-    alpha: int | None = None  # default 2 * r (the official recipe)
-    dropout: float = 0.05
+    r: int = 16  # LoRA rank
+    alpha: int | None = None  # LoRA alpha; default 2 * r (the official recipe)
+    dropout: float = 0.05  # LoRA dropout
     llm_targets: list[str] | None = None  # module names in a decoder layer; default: per LLM architecture
     vision_targets: list[str] | None = None  # module names in a vision layer; default: attention + MLP
-    use_dora: bool = False
-    use_rslora: bool = False
-    init: str = "default"  # default | gaussian | pissa | olora
+    use_dora: bool = False  # DoRA (weight-decomposed LoRA)
+    use_rslora: bool = False  # rsLoRA scaling alpha / sqrt(r) instead of alpha / r
+    init: str = "default"  # default | gaussian | pissa | olora (pissa/olora: the saved adapter is converted to apply on the original base)
 
 
 @dataclass
 class TrainArgs:
-    output_dir: str = "runs/lora"
-    per_device_batch_size: int = 4
-    grad_accum: int = 2
-    lr: float = 4e-5
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.05
-    epochs: float = 1.0
+    output_dir: str = "runs/lora"  # run folder: checkpoints, logs, the final adapter
+    per_device_batch_size: int = 4  # samples per GPU per micro-batch
+    grad_accum: int = 2  # micro-batches per optimizer step (global batch = per_device_batch_size x grad_accum x GPUs)
+    lr: float = 4e-5  # peak learning rate
+    lr_scheduler: str = "cosine"  # any transformers scheduler name: cosine | linear | constant_with_warmup ...
+    warmup_ratio: float = 0.03  # fraction of the optimizer steps with linear warmup
+    weight_decay: float = 0.05  # AdamW weight decay
+    epochs: float = 1.0  # passes over the training data
     max_steps: int = -1  # > 0 overrides epochs
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = True
-    seed: int = 42
-    logging_steps: int = 10
-    save_steps: int = 200
-    save_total_limit: int = 2
-    eval_steps: int = 0  # 0: evaluate only at the end (when data.eval_meta is set)
-    deepspeed: str | None = None  # path of a DeepSpeed JSON config
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    resume: bool = False  # continue from the last checkpoint in output_dir
-    group_by_length: bool = True
-    watchdog: bool = True  # stop with a diagnosis on loss 0 / NaN, dead LoRA, exploding gradients
+    max_grad_norm: float = 1.0  # gradient clipping
+    gradient_checkpointing: bool = True  # activation checkpointing (non-reentrant) in the LLM and the vision tower
+    seed: int = 42  # seeds LoRA init, data order, dropout and the eval_fraction split
+    logging_steps: int = 10  # optimizer steps per log line / metrics.jsonl record
+    save_steps: int = 200  # optimizer steps per checkpoint
+    save_total_limit: int = 2  # checkpoints kept (older ones are deleted once a newer one is complete)
+    eval_steps: int = 0  # eval loss every N optimizer steps; 0: only at the end (when there is a held-out split)
+    eval_batch_size: int | None = None  # per-device eval batch; default: per_device_batch_size
+    generate_steps: int = 0  # greedy generation on held-out samples every N steps (exact match, ANLS, ROUGE-L); 0: off
+    generate_samples: int = 32  # held-out samples used by the generation metric
+    generate_max_new_tokens: int = 32  # answer length limit for the generation metric
+    deepspeed: str | None = None  # path of a DeepSpeed JSON config (configs/deepspeed/zero{1,2,3}.json)
+    fsdp: bool = False  # PyTorch FSDP (launch with torchrun); settings in fsdp_config
+    fsdp_config: dict | str | None = None  # FSDP settings (transformers TrainingArguments.fsdp_config): a mapping or a JSON path
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard | wandb | mlflow ... ([] for none)
+    resume: bool = False  # continue from the last complete checkpoint in output_dir
+    group_by_length: bool = True  # batches of similar length (less padding), lengths from the data audit
+    dummy_vision: str = "auto"  # run the vision tower on a blank tile for text-only batches: auto (when distributed) | always | never
+    watchdog: bool = True  # stop with a diagnosis on loss 0 / NaN, batches with no trained token, dead LoRA, exploding gradients
+    watchdog_lora_steps: int = 5  # optimizer steps after which LoRA B matrices must have left zero
+    watchdog_grad_norm: float = 1e4  # gradient norm treated as exploding (3 log intervals in a row, or once if not finite)
 
 
 @dataclass
@@ -169,50 +184,95 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def validate(cfg: RunConfig) -> list[str]:
-    """Semantic checks that need no files opened beyond existence."""
+def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
+    """Semantic checks; with check_paths, input files must exist."""
     p = []
     if not cfg.model.path:
         p.append("model.path is required: a checkpoint folder (e.g. a local copy of OpenGVLab/InternVL3-1B-hf)")
-    elif not Path(cfg.model.path).exists():
-        p.append(f"model.path {cfg.model.path} does not exist")
+    elif check_paths and not Path(cfg.model.path).exists():
+        p.append(f"model.path {cfg.model.path} does not exist (download the checkpoint first, e.g. "
+                 "`huggingface-cli download OpenGVLab/InternVL3-8B-hf --local-dir models/InternVL3-8B-hf`)")
     if not cfg.data.meta:
         p.append("data.meta is required: a meta JSON file or a .jsonl annotation file")
-    elif not Path(cfg.data.meta).exists():
+    elif check_paths and not Path(cfg.data.meta).exists():
         p.append(f"data.meta {cfg.data.meta} does not exist")
-    if cfg.data.eval_meta and not Path(cfg.data.eval_meta).exists():
+    if cfg.data.eval_meta and check_paths and not Path(cfg.data.eval_meta).exists():
         p.append(f"data.eval_meta {cfg.data.eval_meta} does not exist")
+    if not 0 <= cfg.data.eval_fraction < 1:
+        p.append(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
+    if cfg.data.eval_meta and cfg.data.eval_fraction:
+        p.append("set data.eval_meta or data.eval_fraction, not both")
     if cfg.data.truncation not in ("drop", "cut_text"):
         p.append(f"data.truncation must be drop or cut_text, got {cfg.data.truncation!r}")
+    if cfg.data.num_workers < 0:
+        p.append("data.num_workers must be >= 0")
     if cfg.model.dtype not in ("auto", "bfloat16", "float16", "float32"):
         p.append(f"model.dtype must be auto, bfloat16, float16 or float32, got {cfg.model.dtype!r}")
+    pol = cfg.policy
     for part, allowed in (("vision", PARTS), ("projector", ("frozen", "full")), ("llm", PARTS)):
-        v = getattr(cfg.policy, part)
+        v = getattr(pol, part)
         if v not in allowed:
             p.append(f"policy.{part} must be one of {', '.join(allowed)}, got {v!r}")
-    if all(getattr(cfg.policy, part) == "frozen" for part in ("vision", "projector", "llm")):
+    if all(getattr(pol, part) == "frozen" for part in ("vision", "projector", "llm")):
         p.append("policy: every part is frozen, nothing would train")
-    if cfg.policy.r < 1:
+    if pol.r < 1:
         p.append("policy.r must be >= 1")
-    if not 0 <= cfg.policy.dropout < 1:
+    if pol.alpha is not None and pol.alpha <= 0:
+        p.append("policy.alpha must be > 0 (or left empty for 2 * r)")
+    if not 0 <= pol.dropout < 1:
         p.append("policy.dropout must be in [0, 1)")
-    if cfg.policy.init not in ("default", "gaussian", "pissa", "olora"):
-        p.append(f"policy.init must be default, gaussian, pissa or olora, got {cfg.policy.init!r}")
+    if pol.init not in INITS:
+        p.append(f"policy.init must be one of {', '.join(INITS)}, got {pol.init!r}")
+    if pol.llm_targets is not None and pol.llm != "lora":
+        p.append(f"policy.llm_targets is set but policy.llm is {pol.llm!r} (targets apply to llm: lora)")
+    if pol.vision_targets is not None and pol.vision != "lora":
+        p.append(f"policy.vision_targets is set but policy.vision is {pol.vision!r} (targets apply to vision: lora)")
+    for name in ("llm_targets", "vision_targets"):
+        if getattr(pol, name) == []:
+            p.append(f"policy.{name} is an empty list; leave it out for the defaults")
     t = cfg.train
     if t.per_device_batch_size < 1 or t.grad_accum < 1:
         p.append("train.per_device_batch_size and train.grad_accum must be >= 1")
     if t.lr <= 0:
         p.append("train.lr must be > 0")
+    if not 0 <= t.warmup_ratio < 1:
+        p.append("train.warmup_ratio must be in [0, 1)")
     if t.max_steps <= 0 and t.epochs <= 0:
         p.append("train.epochs must be > 0 (or set train.max_steps)")
-    if t.deepspeed and not Path(t.deepspeed).exists():
+    for name in ("logging_steps", "save_steps"):
+        if getattr(t, name) < 1:
+            p.append(f"train.{name} must be >= 1")
+    for name in ("eval_steps", "generate_steps", "generate_samples", "generate_max_new_tokens", "save_total_limit",
+                 "watchdog_lora_steps"):
+        if getattr(t, name) < 0:
+            p.append(f"train.{name} must be >= 0")
+    if t.eval_batch_size is not None and t.eval_batch_size < 1:
+        p.append("train.eval_batch_size must be >= 1")
+    if t.watchdog_grad_norm <= 0:
+        p.append("train.watchdog_grad_norm must be > 0")
+    if t.dummy_vision not in DUMMY_VISION:
+        p.append(f"train.dummy_vision must be one of {', '.join(DUMMY_VISION)}, got {t.dummy_vision!r}")
+    if t.deepspeed and check_paths and not Path(t.deepspeed).exists():
         p.append(f"train.deepspeed {t.deepspeed} does not exist")
+    if t.deepspeed and t.fsdp:
+        p.append("train.deepspeed and train.fsdp are exclusive: choose one")
+    if t.fsdp_config is not None and not t.fsdp:
+        p.append("train.fsdp_config is set but train.fsdp is false")
+    if isinstance(t.fsdp_config, str) and check_paths and not Path(t.fsdp_config).exists():
+        p.append(f"train.fsdp_config {t.fsdp_config} does not exist")
+    if (t.generate_steps or t.eval_steps) and not (cfg.data.eval_meta or cfg.data.eval_fraction):
+        p.append("train.eval_steps / train.generate_steps need held-out data: set data.eval_meta or data.eval_fraction")
     if cfg.data.max_length < 16:
         p.append("data.max_length must be >= 16")
     return p
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, check: bool = True) -> RunConfig:
+    """Read a YAML config, apply `section.key=value` overrides, check types and values.
+
+    check=False skips the checks that need files (model.path, data.meta, ... must exist) but still
+    rejects unknown keys, wrong types and impossible values.
+    """
     raw: dict = {}
     source = str(path) if path else "command line"
     if path:
@@ -226,7 +286,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, che
             raise ConfigError(["the top level must be a mapping with sections model, data, policy, train"], source)
         # Input paths in a config file may be relative to the file; output_dir is relative to the working folder.
         base = Path(path).resolve().parent
-        for section, key in (("model", "path"), ("data", "meta"), ("data", "eval_meta"), ("train", "deepspeed")):
+        for section, key in (("model", "path"), ("data", "meta"), ("data", "eval_meta"), ("train", "deepspeed"),
+                             ("train", "fsdp_config")):
             sec = raw.get(section)
             v = sec.get(key) if isinstance(sec, dict) else None
             if isinstance(v, str) and v and not Path(v).is_absolute() and (base / v).exists():
@@ -234,8 +295,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, che
     raw = _merge(raw, parse_overrides(overrides or []))
     problems: list[str] = []
     cfg = _build(RunConfig, raw, "", problems)
-    if check:
-        problems += validate(cfg)
+    problems += validate(cfg, check_paths=check)
     if problems:
         raise ConfigError(problems, source)
     return cfg
@@ -243,3 +303,32 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, che
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """The trailing comment of each field in the dataclass source: the field's documentation."""
+    docs = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?  # (.*)$", line)
+        if m:
+            docs[m.group(1)] = m.group(2).strip()
+    return docs
+
+
+def reference() -> str:
+    """Every config field as a Markdown table per section (name, type, default, meaning)."""
+    out = []
+    defaults = RunConfig()
+    for section in dataclasses.fields(RunConfig):
+        cls = typing.get_type_hints(RunConfig)[section.name]
+        docs = _field_docs(cls)
+        out += [f"### `{section.name}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            value = getattr(getattr(defaults, section.name), f.name)
+            type_name = str(hints[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            default = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+            cells = [f"`{section.name}.{f.name}`", type_name, f"`{default}`", docs.get(f.name, "")]
+            out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        out.append("")
+    return "\n".join(out)

@@ -2,12 +2,13 @@
 
     internvl-lora train CONFIG.yaml [section.key=value ...]
     torchrun --nproc_per_node 2 -m internvl_lora.cli train CONFIG.yaml      # DDP
-    internvl-lora train CONFIG.yaml train.deepspeed=configs/deepspeed/zero1.json
+    torchrun --nproc_per_node 2 -m internvl_lora.cli train CONFIG.yaml train.deepspeed=configs/deepspeed/zero1.json
+    internvl-lora train CONFIG.yaml train.resume=true                      # continue after an interruption
 
 Steps: validate the config, audit the data (refuse on errors unless data.skip_invalid), load the
 model, apply the per-part policy, train with the HF Trainer, save adapter-only checkpoints and the
 final adapter folder `OUTPUT/adapter`, which describes itself (base path, template, tiling settings,
-policy) so merge, chat and validate need only that path.
+policy) so merge, chat and validate need only that path. docs/training.md describes the output folder.
 """
 
 from __future__ import annotations
@@ -15,14 +16,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
+import random
+import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
-from transformers.trainer_pt_utils import LengthGroupedSampler
+import yaml
+from torch.utils.data import Sampler
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
-from .callbacks import LogLine, LossCurve, StepStats, TrainingHealthError, Watchdog
+from .callbacks import (
+    GenerationEval, LogLine, LossCurve, StepStats, TrainingHealthError, Watchdog, generation_samples,
+)
 from .config import RunConfig, save_config
 from .data.audit import audit, format_report
 from .data.dataset import PadCollator, SupervisedDataset
@@ -30,13 +40,30 @@ from .data.encode import EncodeSettings
 from .data.records import load_meta
 from .errors import UserError
 from .internvl.checkpoint import CheckpointInfo, inspect_checkpoint, load_model, load_tokenizer
-from .lora import apply_policy, format_table, trainable_table
+from .lora import MUTATING_INITS, apply_policy, format_table, is_peft, save_initial_adapter, trainable_table
+
+__all__ = ["train", "TrainingHealthError", "CheckpointSaveError", "InternVLTrainer", "last_complete_checkpoint"]
 
 RUN_META = "internvl_lora.json"
+INIT_ADAPTER = "adapter_init"  # PiSSA / OLoRA: the adapter as initialised (for the conversion on save)
+CHECKPOINT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors",
+                      "model.safetensors.index.json", "pytorch_model.bin")
+
+
+class CheckpointSaveError(UserError):
+    """Writing a checkpoint or the final adapter failed (disk full, permissions, ...)."""
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return rank() == 0
 
 
 def print0(*args) -> None:
@@ -69,10 +96,34 @@ def fingerprint(paths: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def run_metadata(cfg: RunConfig, info: CheckpointInfo, settings: EncodeSettings, data_fp: str) -> dict:
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def environment() -> dict:
+    """Library versions and hardware, for the run record."""
+    import accelerate
     import peft
     import transformers
 
+    from . import __version__
+
+    env = {
+        "internvl_lora": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "peft": peft.__version__, "accelerate": accelerate.__version__,
+        "deepspeed": _version("deepspeed"), "platform": platform.platform(), "world_size": world_size(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return {k: v for k, v in env.items() if v is not None}
+
+
+def run_metadata(cfg: RunConfig, info: CheckpointInfo, settings: EncodeSettings, data_fp: dict) -> dict:
     return {
         "base_model": str(Path(cfg.model.path).resolve()),
         "base_format": info.format,
@@ -81,29 +132,117 @@ def run_metadata(cfg: RunConfig, info: CheckpointInfo, settings: EncodeSettings,
             "tile_size", "tokens_per_tile", "max_dynamic_patch", "min_dynamic_patch", "use_thumbnail",
             "dynamic_image_size", "normalize_type", "max_length")},
         "policy": cfg.to_dict()["policy"],
-        "dataset_fingerprint": data_fp,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+        "dataset_fingerprint": data_fp["train"],
+        "data": data_fp,
+        "versions": environment(),
+        "command": " ".join(sys.argv),
     }
 
 
-class InternVLTrainer(Trainer):
-    """The HF Trainer with three small additions: counters for the log line, the KV cache forced off
-    (a cache would also defeat packed attention), and length grouping from the audit's lengths instead
-    of decoding every sample."""
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints
 
-    def __init__(self, *args, stats: StepStats, lengths: list[int] | None = None, **kw):
-        super().__init__(*args, **kw)
-        self.stats, self.lengths = stats, lengths
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self.stats.add(inputs)
-        return super().compute_loss(model, {**inputs, "use_cache": False}, return_outputs, num_items_in_batch)
+def is_complete_checkpoint(folder: Path) -> bool:
+    """A checkpoint is complete once trainer_state.json (written last by the Trainer) is readable and the
+    weights are there; a folder cut short by a kill or a full disk is not."""
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any((folder / name).exists() for name in CHECKPOINT_WEIGHTS) or any(folder.glob("global_step*"))
 
-    def _get_train_sampler(self, train_dataset=None):
-        if self.args.train_sampling_strategy == "group_by_length" and self.lengths:
-            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                        lengths=self.lengths)
-        return super()._get_train_sampler(train_dataset)
+
+def checkpoints(out: Path) -> list[Path]:
+    """checkpoint-N folders of a run folder, by step."""
+    if not out.is_dir():
+        return []
+    found = []
+    for p in out.iterdir():
+        name = p.name
+        if p.is_dir() and name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit():
+            found.append((int(name[len("checkpoint-"):]), p))
+    return [p for _, p in sorted(found)]
+
+
+def last_complete_checkpoint(out: Path) -> Path | None:
+    done = [p for p in checkpoints(out) if is_complete_checkpoint(p)]
+    return done[-1] if done else None
+
+
+def find_resume_checkpoint(out: Path) -> Path | None:
+    """The last complete checkpoint; incomplete ones after it (interrupted saves) are reported and removed."""
+    last = last_complete_checkpoint(out)
+    for p in checkpoints(out):
+        if not is_complete_checkpoint(p) and (last is None or int(p.name.split("-")[1]) > int(last.name.split("-")[1])):
+            print0(f"{p} is incomplete (interrupted while saving); ignoring it")
+            if is_main():
+                shutil.rmtree(p, ignore_errors=True)
+    return last
+
+
+def check_resume_compatible(out: Path, cfg: RunConfig) -> None:
+    """The policy decides which parameters exist: a checkpoint of another policy cannot be resumed."""
+    saved = out / "config.yaml"
+    if not saved.exists():
+        return
+    try:
+        old = yaml.safe_load(saved.read_text())
+    except (OSError, yaml.YAMLError):
+        return
+    new = cfg.to_dict()
+    keys = ("vision", "projector", "llm", "r", "llm_targets", "vision_targets", "use_dora", "init")
+    old_policy = old.get("policy") or {} if isinstance(old, dict) else {}
+    diff = [k for k in keys if k in old_policy and old_policy[k] != new["policy"][k]]
+    if diff:
+        raise UserError(
+            f"cannot resume {out}: the checkpoints were trained with a different policy ("
+            + ", ".join(f"policy.{k}: {old_policy[k]!r} -> {new['policy'][k]!r}" for k in diff)
+            + "); use the original settings or a new train.output_dir")
+    for section, key in (("train", "per_device_batch_size"), ("train", "grad_accum"), ("train", "seed")):
+        before = (old.get(section) or {}).get(key) if isinstance(old, dict) else None
+        if before is not None and before != new[section][key]:
+            print0(f"warning: {section}.{key} changed from {before} to {new[section][key]} since the checkpoint; "
+                   "the data position and order after resuming will not match the interrupted run")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+
+
+class GroupedSampler(Sampler):
+    """Length-grouped random order that depends only on (seed, epoch), never on the global RNG.
+
+    Megabatches are built from the global batch (per-device batch x grad accumulation x world size),
+    so one process with batch 2B and two processes with batch B see the same samples in each step,
+    and a resumed run sees the same order as the interrupted one.
+    """
+
+    def __init__(self, lengths: list[int], global_batch: int, seed: int):
+        self.lengths, self.global_batch, self.seed = lengths, global_batch, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.global_batch, generator=g))
+
+
+class _SamplerEpoch(TrainerCallback):
+    """Sets the sampler's epoch before each epoch (also when resuming inside an epoch)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kw):
+        sampler = getattr(self.trainer, "_grouped_sampler", None)
+        if sampler is not None:
+            sampler.set_epoch(int(state.epoch + 1e-9) if state.epoch else 0)
 
 
 def prepare_data(cfg: RunConfig, tokenizer, settings: EncodeSettings, meta: str, train: bool):
@@ -121,78 +260,300 @@ def prepare_data(cfg: RunConfig, tokenizer, settings: EncodeSettings, meta: str,
     return SupervisedDataset(result, tokenizer, settings, train=train, seed=cfg.train.seed), result, specs
 
 
+def split_heldout(ds: SupervisedDataset, fraction: float, seed: int) -> tuple[SupervisedDataset, SupervisedDataset]:
+    """Hold out a deterministic fraction of the distinct samples (repeats of one line stay on one side)."""
+    import copy
+
+    distinct = sorted({ln.index for ln in ds.lines})
+    k = max(1, round(fraction * len(distinct)))
+    if k >= len(distinct):
+        raise UserError(f"data.eval_fraction {fraction} leaves no training sample ({len(distinct)} samples)")
+    held = set(random.Random(seed).sample(distinct, k))
+    train_ds, eval_ds = copy.copy(ds), copy.copy(ds)
+    keep = [i for i, ln in enumerate(ds.lines) if ln.index not in held]
+    train_ds.lines = [ds.lines[i] for i in keep]
+    train_ds.lengths = [ds.lengths[i] for i in keep]
+    seen, ev = set(), []
+    for i, ln in enumerate(ds.lines):
+        if ln.index in held and ln.index not in seen:
+            seen.add(ln.index)
+            ev.append(i)
+    eval_ds.lines = [ds.lines[i] for i in ev]
+    eval_ds.lengths = [ds.lengths[i] for i in ev]
+    eval_ds.train = False
+    return train_ds, eval_ds
+
+
+# ---------------------------------------------------------------------------------------------------
+# Trainer
+
+
+class InternVLTrainer(Trainer):
+    """The HF Trainer with a few additions:
+
+    - counters for the log line and the watchdog (tokens, trained tokens, tiles, per-step losses);
+    - the KV cache forced off (a cache would also defeat packed attention);
+    - length grouping from the audit's lengths, seeded per epoch (`GroupedSampler`);
+    - checkpoint writes that fail leave no half-written folder and raise `CheckpointSaveError`.
+
+    Text-only micro-batches are given a blank tile by the collator (`data_collator(..., dummy_vision)`),
+    not here: the vision tower then runs inside the model's forward, before the LLM, on every rank.
+    """
+
+    def __init__(self, *args, stats: StepStats, lengths: list[int] | None = None, **kw):
+        super().__init__(*args, **kw)
+        self.stats, self.lengths = stats, lengths
+        self._grouped_sampler = None
+        self.add_callback(_SamplerEpoch(self))
+
+    # -- loss ---------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        training = model.training
+        if training:
+            self.stats.add(inputs)
+        loss, outputs = super().compute_loss(model, {**inputs, "use_cache": False}, True, num_items_in_batch)
+        if training:
+            self.stats.add_loss(loss)
+        return (loss, outputs) if return_outputs else loss
+
+    # -- data ---------------------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        if self.args.train_sampling_strategy == "group_by_length" and self.lengths:
+            global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * max(
+                1, self.args.world_size)
+            self._grouped_sampler = GroupedSampler(self.lengths, global_batch, self.args.data_seed or self.args.seed)
+            return self._grouped_sampler
+        return super()._get_train_sampler(train_dataset)
+
+    # -- logging ------------------------------------------------------------------------------------
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        self.stats.sync()  # every rank logs at the same steps (the loss was just gathered)
+        super().log(logs, start_time)
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"checkpoint-{self.state.global_step}"
+        previous = last_complete_checkpoint(run_dir)
+        try:
+            super()._save_checkpoint(model, trial)
+        except OSError as e:
+            removed = False
+            if self.args.should_save and folder.exists() and not is_complete_checkpoint(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed = True
+            kept = f"the previous checkpoint {previous} is intact" if previous and previous != folder else \
+                "no earlier checkpoint exists"
+            raise CheckpointSaveError(
+                f"could not write checkpoint {folder} at step {self.state.global_step}: "
+                f"{e.strerror or e}{f' ({e.filename})' if getattr(e, 'filename', None) else ''}. "
+                + ("The half-written folder was removed and " if removed else "")
+                + f"{kept[0].upper() + kept[1:] if not removed else kept}. Free disk space (or fix permissions) "
+                "and run the same command with train.resume=true to continue from the last checkpoint") from None
+
+
+def data_collator(tokenizer, settings: EncodeSettings, dummy_vision: bool):
+    """Right-padding collator; with `dummy_vision`, a batch without images gets one blank tile and a
+    masked, label-free block of image tokens after its last token (`data.blank_tile`), like the official
+    white dummy tile: the loss is unchanged, and every rank runs embed -> vision -> LLM in the same order
+    (so ZeRO-3 / FSDP gathers match across ranks and a trainable vision part always gets a gradient)."""
+    collator = PadCollator(tokenizer.pad_token_id)
+    if not dummy_vision:
+        return collator
+    from .data.blank_tile import BlankTileCollator
+    from .internvl.constants import IMG_CONTEXT_TOKEN
+
+    return BlankTileCollator(collator, tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN), settings.tokens_per_tile,
+                             settings.tile_size)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def training_arguments(cfg: RunConfig, out: Path, dtype: torch.dtype, has_eval: bool) -> TrainingArguments:
+    t = cfg.train
+    use_bf16 = dtype == torch.bfloat16
+    ckpt = t.gradient_checkpointing
+    fsdp_config = t.fsdp_config
+    if isinstance(fsdp_config, str):
+        fsdp_config = json.loads(Path(fsdp_config).read_text()) if fsdp_config.endswith(".json") else \
+            yaml.safe_load(Path(fsdp_config).read_text())
+    return TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.per_device_batch_size,
+        gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=t.weight_decay, num_train_epochs=t.epochs, max_steps=t.max_steps, max_grad_norm=t.max_grad_norm,
+        bf16=use_bf16, fp16=dtype == torch.float16, activation_checkpointing=ckpt,
+        activation_checkpointing_kwargs={"use_reentrant": False} if ckpt else None,
+        seed=t.seed, data_seed=t.seed, logging_steps=t.logging_steps, logging_nan_inf_filter=False,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit or None,
+        eval_strategy="steps" if has_eval and t.eval_steps > 0 else "no",
+        eval_steps=t.eval_steps if t.eval_steps > 0 else None, prediction_loss_only=True,
+        deepspeed=t.deepspeed, fsdp=bool(t.fsdp) or None, fsdp_config=fsdp_config if t.fsdp else None,
+        report_to=list(t.report_to) or "none",
+        dataloader_num_workers=cfg.data.num_workers, dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False, disable_tqdm=True,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        ddp_find_unused_parameters=False,
+        # torchrun on a machine without a GPU: DDP over gloo (accelerate only does CPU DDP when asked to).
+        **({"use_cpu": True, "ddp_backend": "gloo"}
+           if world_size() > 1 and not torch.cuda.is_available() and not t.deepspeed else {}),
+    )
+
+
+def _deepspeed_stage(path: str | None) -> int | None:
+    if not path:
+        return None
+    try:
+        return int(json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def save_final(trainer: InternVLTrainer, out: Path, init_dir: Path | None) -> Path:
+    """Write OUT/adapter atomically (into a temporary folder, then renamed)."""
+    final, tmp = out / "adapter", out / ".adapter.partial"
+    try:
+        if is_main() and tmp.exists():
+            shutil.rmtree(tmp)
+        if init_dir is not None:
+            # PiSSA / OLoRA: a plain rank-2r LoRA that applies to the original base weights.
+            if is_main():
+                trainer.accelerator.unwrap_model(trainer.model).save_pretrained(
+                    str(tmp), path_initial_model_for_weight_conversion=str(init_dir))
+        else:
+            trainer.save_model(str(tmp))
+        if is_main():
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except OSError as e:
+        if is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        last = last_complete_checkpoint(out)
+        raise CheckpointSaveError(
+            f"could not write the final adapter to {final}: {e.strerror or e}. "
+            + (f"The last checkpoint {last} is intact: free disk space and run the same command with "
+               "train.resume=true to write the adapter from it" if last else "No checkpoint was kept")) from None
+    return final
+
+
+_TENSORBOARD_DIR_SET: str | None = None
+
+
+def _set_tensorboard_dir(path: Path) -> None:
+    """OUT/tensorboard, unless the user set TENSORBOARD_LOGGING_DIR (one we set for an earlier run is replaced)."""
+    global _TENSORBOARD_DIR_SET
+    current = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    if current is None or current == _TENSORBOARD_DIR_SET:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = _TENSORBOARD_DIR_SET = str(path)
+
+
 def train(cfg: RunConfig) -> Path:
     t_start = time.time()
-    out = Path(cfg.train.output_dir)
+    t = cfg.train
+    out = Path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    resume = None
+    if t.resume:
+        resume = find_resume_checkpoint(out)
+        if resume:
+            check_resume_compatible(out, cfg)
+        print0(f"resuming from {resume}" if resume else f"no complete checkpoint in {out} to resume from; starting fresh")
+    elif checkpoints(out):
+        print0(f"warning: {out} already holds {len(checkpoints(out))} checkpoint(s) of an earlier run; they may be "
+               "rotated away. To continue that run instead, add train.resume=true")
     if is_main():
         save_config(cfg, out / "config.yaml")
+
     info = inspect_checkpoint(cfg.model.path)
     tokenizer = load_tokenizer(cfg.model.path)
     settings = encode_settings(cfg, info)
     print0(f"checkpoint {cfg.model.path}: format {info.format}, template {settings.template.name}, "
            f"tile {settings.tile_size}px x {settings.tokens_per_tile} tokens, max {settings.max_dynamic_patch} tiles")
-    train_ds, train_audit, specs = prepare_data(cfg, tokenizer, settings, cfg.data.meta, train=True)
-    eval_ds = None
+    train_ds, _, specs = prepare_data(cfg, tokenizer, settings, cfg.data.meta, train=True)
+    eval_ds, eval_specs = None, []
     if cfg.data.eval_meta:
-        eval_ds, _, _ = prepare_data(cfg, tokenizer, settings, cfg.data.eval_meta, train=False)
-    data_fp = fingerprint([s.annotation for s in specs])
+        eval_ds, _, eval_specs = prepare_data(cfg, tokenizer, settings, cfg.data.eval_meta, train=False)
+    elif cfg.data.eval_fraction > 0:
+        train_ds, eval_ds = split_heldout(train_ds, cfg.data.eval_fraction, t.seed)
+        print0(f"held out {len(eval_ds)} of {len(eval_ds) + len({ln.index for ln in train_ds.lines})} samples "
+               f"(data.eval_fraction={cfg.data.eval_fraction}) for evaluation")
+    data_fp = {"train": fingerprint([s.annotation for s in specs]), "train_samples": len(train_ds)}
+    if eval_ds is not None:
+        data_fp["eval_samples"] = len(eval_ds)
+        if eval_specs:
+            data_fp["eval"] = fingerprint([s.annotation for s in eval_specs])
 
     dtype = resolve_dtype(cfg.model.dtype)
+    if cfg.policy.init in MUTATING_INITS and _deepspeed_stage(t.deepspeed) == 3:
+        raise UserError(f"policy.init={cfg.policy.init} is not supported with DeepSpeed ZeRO-3 (the adapter "
+                        "conversion needs whole weights); use ZeRO-1/2, DDP or policy.init=default")
+    # TrainingArguments before the model: with ZeRO-3 the weights are then partitioned while loading.
+    args = training_arguments(cfg, out, dtype, eval_ds is not None)
+    _set_tensorboard_dir(out / "tensorboard")
+
+    from transformers import set_seed
+
+    set_seed(t.seed)  # LoRA init (and PiSSA's randomised SVD) reproducible
     model = load_model(cfg.model.path, dtype=dtype)
     model.config.use_cache = False
     model.config.text_config.use_cache = False
     model.set_attn_implementation(cfg.model.attn_implementation)
     model = apply_policy(model, cfg.policy, info.llm_type)
-    table = trainable_table(model)
+    init_dir = None
+    if cfg.policy.init in MUTATING_INITS and is_peft(model):
+        init_dir = out / INIT_ADAPTER
+        if is_main() and not (resume and (init_dir / "adapter_config.json").exists()):
+            save_initial_adapter(model, init_dir)
+    table = trainable_table(model, cfg.policy)
     print0(format_table(table, cfg.policy))
     meta = run_metadata(cfg, info, settings, data_fp)
     meta["trainable"] = table
     if is_main():
         (out / RUN_META).write_text(json.dumps(meta, indent=2) + "\n")
+        (out / "trainable_params.json").write_text(json.dumps(table, indent=2) + "\n")
 
-    t = cfg.train
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
-    use_bf16 = dtype == torch.bfloat16
-    args = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=t.per_device_batch_size,
-        per_device_eval_batch_size=t.per_device_batch_size, gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.lr, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
-        weight_decay=t.weight_decay, num_train_epochs=t.epochs, max_steps=t.max_steps, max_grad_norm=t.max_grad_norm,
-        bf16=use_bf16, fp16=dtype == torch.float16, gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
-        seed=t.seed, data_seed=t.seed, logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        eval_strategy=("steps" if t.eval_steps > 0 else "no") if eval_ds is not None else "no",
-        eval_steps=t.eval_steps if t.eval_steps > 0 else None, deepspeed=t.deepspeed, report_to=t.report_to,
-        dataloader_num_workers=cfg.data.num_workers, dataloader_pin_memory=torch.cuda.is_available(),
-        remove_unused_columns=False, disable_tqdm=True,
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        ddp_find_unused_parameters=False,
-    )
     stats = StepStats()
-    log = LogLine(stats, out, print_fn=print0)
-    watchdog = Watchdog(stats, model) if t.watchdog else None
-    callbacks = [log, LossCurve(log, out)] + ([watchdog] if watchdog else [])
+    resume_step = json.loads((resume / "trainer_state.json").read_text())["global_step"] if resume else None
+    log = LogLine(stats, out, print_fn=print0, resume_step=resume_step, is_main=is_main())
+    callbacks: list = [log, LossCurve(log, out)]
+    watchdog = None
+    if t.watchdog:
+        # float16 loss scaling skips the first optimizer steps (overflow): give the adapters longer to move.
+        lora_check = t.watchdog_lora_steps + (40 if dtype == torch.float16 else 0)
+        watchdog = Watchdog(stats, model, lora_check_step=lora_check, max_grad_norm_alarm=t.watchdog_grad_norm)
+        callbacks.append(watchdog)
+    gen_eval = None
+    if t.generate_steps and eval_ds is not None:
+        gen_eval = GenerationEval(generation_samples(eval_ds.lines, t.generate_samples), tokenizer, settings,
+                                  t.generate_steps, t.generate_max_new_tokens, t.eval_batch_size or t.per_device_batch_size)
+        gen_eval.watchdog = watchdog
+        callbacks.append(gen_eval)
+    dummy = t.dummy_vision == "always" or (t.dummy_vision == "auto" and world_size() > 1)
     trainer = InternVLTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        data_collator=PadCollator(tokenizer.pad_token_id), callbacks=callbacks,
+        data_collator=data_collator(tokenizer, settings, dummy), callbacks=callbacks,
         stats=stats, lengths=train_ds.lengths,
     )
-    resume = None
-    if t.resume:
-        from transformers.trainer_utils import get_last_checkpoint
+    trainer.remove_callback(PrinterCallback)  # the LogLine prints instead of raw dicts
+    if t.fsdp and not trainer.is_fsdp_enabled:
+        print0("warning: train.fsdp is set, but accelerate enables FSDP on GPUs only: this run uses DDP")
+    if gen_eval is not None:
+        gen_eval.trainer = trainer
 
-        resume = get_last_checkpoint(str(out))
-        print0(f"resuming from {resume}" if resume else "no checkpoint to resume from; starting fresh")
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if watchdog and watchdog.diagnosis:
+        if is_main():
+            log.write({"step": trainer.state.global_step, "watchdog": watchdog.diagnosis})
         raise TrainingHealthError(f"training stopped by the loss-health watchdog: {watchdog.diagnosis}")
-    if eval_ds is not None:
-        metrics = trainer.evaluate()
-        log.on_log(args, trainer.state, trainer.control, logs=metrics)
-    adapter_dir = out / "adapter"
-    trainer.save_model(str(adapter_dir))
+    evaluated_last = any("eval_loss" in r and r.get("step") == trainer.state.global_step
+                         for r in trainer.state.log_history)
+    if eval_ds is not None and not evaluated_last:
+        trainer.evaluate()  # logged through LogLine (metrics.jsonl, tensorboard)
+
+    adapter_dir = save_final(trainer, out, init_dir)
     if is_main():
         tokenizer.save_pretrained(adapter_dir)
         for name in ("preprocessor_config.json", "generation_config.json"):
@@ -201,6 +562,11 @@ def train(cfg: RunConfig) -> Path:
         meta["train_seconds"] = round(time.time() - t_start, 1)
         meta["global_step"] = trainer.state.global_step
         meta["final_loss"] = next((r["loss"] for r in reversed(log.history) if "loss" in r), None)
+        final_eval = next((r for r in reversed(log.history) if "eval_loss" in r), None)
+        if final_eval:
+            meta["final_eval_loss"] = final_eval["eval_loss"]
+        if gen_eval is not None and gen_eval.results:
+            meta["final_generation_eval"] = gen_eval.results[-1]
         (adapter_dir / RUN_META).write_text(json.dumps(meta, indent=2) + "\n")
         save_config(cfg, adapter_dir / "config.yaml")
         LossCurve(log, out).on_save(args, trainer.state, trainer.control)

@@ -1,0 +1,288 @@
+"""The loss-health watchdog (each diagnosis triggered for real on the tiny model), the log line with
+label-mask coverage, the loss-curve PNG and the counters behind them."""
+
+from __future__ import annotations
+
+import math
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import TrainerControl
+
+from internvl_lora.callbacks import (
+    LogLine, LossCurve, StepStats, TrainingHealthError, Watchdog, all_reduce, lora_b_max, plot_loss_curve, read_metrics,
+)
+from internvl_lora.config import load_config
+from internvl_lora.errors import UserError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from internvl_lora.demo import prepare
+
+    return prepare(tmp_path_factory.mktemp("demo"), n_train=16, n_heldout=4)
+
+
+def config(demo, out, *extra):
+    return load_config(demo, [f"train.output_dir={out}", "train.report_to=[]", "train.logging_steps=1",
+                              "train.per_device_batch_size=4", "train.warmup_ratio=0", "train.save_steps=100",
+                              *extra])
+
+
+def hook_logits(monkeypatch, fn):
+    """Register `fn(step, logits) -> logits` as a forward hook on the LM head of the model train() builds."""
+    import internvl_lora.train as train_mod
+
+    real = train_mod.apply_policy
+    calls = {"n": 0}
+
+    def spy(model, policy, llm_type):
+        def hook(module, args, output):
+            if module.training:
+                calls["n"] += 1
+            return fn(calls["n"], output)
+
+        model.lm_head.register_forward_hook(hook)
+        return real(model, policy, llm_type)
+
+    monkeypatch.setattr(train_mod, "apply_policy", spy)
+
+
+def metrics(out):
+    return read_metrics(out / "metrics.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Each diagnosis, for real
+
+
+def test_nan_loss_stops_training_at_that_step(demo, tmp_path, monkeypatch):
+    from internvl_lora.train import train
+
+    hook_logits(monkeypatch, lambda n, out: out * float("nan") if n >= 3 else out)
+    cfg = config(demo, tmp_path / "run", "train.max_steps=6", "train.save_steps=1", "train.save_total_limit=1")
+    with pytest.raises(TrainingHealthError) as e:
+        train(cfg)
+    assert "the loss is nan at optimizer step 3" in str(e.value)
+    assert "lower train.lr" in str(e.value)
+    assert isinstance(e.value, UserError)  # the CLI prints it without a traceback
+    # steps 1 and 2 were saved; the poisoned step 3 is neither saved nor followed by more steps
+    names = sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*"))
+    assert names == ["checkpoint-2"]  # the demo config keeps 1 checkpoint: the last good one survives
+    assert not (tmp_path / "run" / "adapter").exists()
+    rows = metrics(tmp_path / "run")
+    assert rows[-1]["watchdog"].startswith("the loss is nan") and rows[-1]["step"] == 3
+
+
+def test_batches_without_trained_tokens_are_diagnosed(demo, tmp_path, monkeypatch):
+    from internvl_lora.data.dataset import SupervisedDataset
+    from internvl_lora.train import train
+
+    real = SupervisedDataset.__getitem__
+
+    def masked(self, i):
+        item = real(self, i)
+        item["labels"] = torch.full_like(torch.as_tensor(item["labels"]), -100)
+        return item
+
+    monkeypatch.setattr(SupervisedDataset, "__getitem__", masked)
+    with pytest.raises(TrainingHealthError) as e:
+        train(config(demo, tmp_path / "run", "train.max_steps=4"))
+    assert "micro-batch(es) of optimizer step 1 had no trained token" in str(e.value)
+    assert "internvl-lora data inspect" in str(e.value)
+
+
+def test_dead_lora_is_diagnosed_through_the_cli(demo, tmp_path, monkeypatch, capsys):
+    import internvl_lora.config as config_mod
+    from internvl_lora import cli
+
+    real = config_mod.load_config
+
+    def lr_zero(*args, **kw):  # the config check refuses lr 0, so set it after loading
+        cfg = real(*args, **kw)
+        cfg.train.lr = 0.0
+        return cfg
+
+    monkeypatch.setattr(config_mod, "load_config", lr_zero)
+    monkeypatch.setattr(sys, "argv", ["internvl-lora", "train", str(demo), f"train.output_dir={tmp_path / 'run'}",
+                                      "train.report_to=[]", "train.max_steps=4", "train.watchdog_lora_steps=2"])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: training stopped by the loss-health watchdog: every LoRA B matrix is still exactly zero after 2" \
+        in err
+    assert "Traceback" not in err
+
+
+def test_exploding_gradients_are_diagnosed(demo, tmp_path, monkeypatch):
+    from internvl_lora.train import train
+
+    hook_logits(monkeypatch, lambda n, out: out * 1e6)  # gradients ~1e6 larger than normal
+    with pytest.raises(TrainingHealthError) as e:
+        train(config(demo, tmp_path / "run", "train.max_steps=8", "train.epochs=4"))
+    assert "the gradient norm exploded" in str(e.value) and "for 3 log intervals in a row" in str(e.value)
+    rows = [r for r in metrics(tmp_path / "run") if "grad_norm" in r]
+    assert len(rows) == 3 and all(r["grad_norm"] > 1e4 for r in rows)
+
+
+def test_healthy_run_is_not_stopped_and_logs_label_coverage(demo, tmp_path, capsys):
+    from internvl_lora.train import train
+
+    train(config(demo, tmp_path / "run", "train.max_steps=3"))
+    rows = [r for r in metrics(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(0 < r["label_coverage"] < 0.2 for r in rows)  # short answers: a few % of the tokens train
+    assert all(r["tokens_per_s"] > 0 and r["trained_tokens"] > 0 for r in rows)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("step 1/3"))
+    for piece in ("loss ", "lr ", "gnorm ", "% of tokens", "tok/s", "tiles/s", "eta "):
+        assert piece in line, (piece, line)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Units
+
+
+def _state(step=1, max_steps=10):
+    return SimpleNamespace(global_step=step, max_steps=max_steps, is_world_process_zero=True, epoch=0.1)
+
+
+def test_watchdog_on_log_rules():
+    w = Watchdog(StepStats(), patience=2, max_grad_norm_alarm=100)
+    c = TrainerControl()
+    w.on_log(None, _state(), c, logs={"loss": 1.0, "grad_norm": 500.0})
+    assert w.diagnosis is None and w.high == 1
+    w.on_log(None, _state(2), c, logs={"loss": 1.0, "grad_norm": 5.0})  # back to normal resets the count
+    assert w.high == 0 and not c.should_training_stop
+    c.should_save = True
+    w.on_log(None, _state(3), c, logs={"loss": 0.0})
+    assert "exactly 0 at step 3" in w.diagnosis
+    assert c.should_training_stop and not c.should_save and not c.should_evaluate
+    w2 = Watchdog(StepStats())
+    w2.on_log(None, _state(), TrainerControl(), logs={"grad_norm": float("inf")})
+    assert "gradient norm is inf" in w2.diagnosis
+    w3 = Watchdog(StepStats())
+    w3.on_log(None, _state(), TrainerControl(), logs={"loss": float("nan")})
+    assert "the loss is nan" in w3.diagnosis
+
+
+def test_lora_b_check_skips_empty_zero3_shards():
+    class Shard(torch.nn.Module):
+        def __init__(self, local):
+            super().__init__()
+            self.lora_B = torch.nn.Parameter(torch.empty(0))  # ZeRO-3 placeholder
+            self.lora_B.ds_tensor = local
+
+    assert lora_b_max(Shard(torch.zeros(0))) == 0.0
+    assert lora_b_max(Shard(torch.tensor([0.0, -0.5]))) == 0.5
+    assert lora_b_max(torch.nn.Linear(2, 2)) is None
+    w = Watchdog(StepStats(), Shard(torch.zeros(3)), lora_check_step=2)
+    c = TrainerControl()
+    w.on_train_begin(None, _state(0), c)
+    w.on_step_end(None, _state(1), c)
+    assert w.diagnosis is None
+    w.on_step_end(None, _state(2), c)
+    assert "every LoRA B matrix is still exactly zero" in w.diagnosis
+    # a non-zero B at the start (PiSSA / OLoRA init) is not a dead adapter
+    w = Watchdog(StepStats(), Shard(torch.ones(3)), lora_check_step=1)
+    w.on_train_begin(None, _state(0), TrainerControl())
+    w.on_step_end(None, _state(5), TrainerControl())
+    assert w.diagnosis is None
+
+
+def test_step_stats_count_shifted_labels_tiles_and_empty_batches():
+    s = StepStats()
+    s.add({"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.tensor([[1] * 5, [1] * 3 + [0] * 2]),
+           "labels": torch.tensor([[5, -100, -100, 7, 8], [-100, -100, 9, -100, -100]]),
+           "pixel_values": torch.zeros(3, 3, 8, 8)})
+    assert (s.tokens, s.trained, s.tiles, s.empty_batches) == (8, 3, 3, 0)  # label at position 0 never trains
+    s.add({"input_ids": torch.zeros(1, 4, dtype=torch.long), "labels": torch.tensor([[1, -100, -100, -100]])})
+    assert s.empty_batches == 1 and s.step_empty == 1 and s.tiles == 3
+    s.sync()
+    assert (s.global_tokens, s.global_trained, s.global_tiles) == (12, 3, 3)
+    assert all_reduce([1.0, 2.0], "max") == [1.0, 2.0]
+
+
+def test_log_line_writes_metrics_and_truncates_on_resume(tmp_path):
+    printed = []
+    s = StepStats()
+    log = LogLine(s, tmp_path, print_fn=printed.append)
+    log.on_train_begin(None, _state(0), None)
+    for step in (1, 2, 3):
+        s.tokens += 100
+        s.trained += 5
+        s.sync()
+        log.on_log(None, _state(step), None, logs={"loss": 2.0 / step, "learning_rate": 1e-4, "grad_norm": 1.5})
+    log.on_log(None, _state(3), None, logs={"eval_loss": 1.25, "eval_runtime": 0.1})
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 3]
+    assert rows[0]["label_coverage"] == 0.05 and rows[0]["trained_tokens"] == 5
+    assert "eval_loss 1.2500" in printed[-1] and "eval_runtime" not in printed[-1]
+    assert "trained 5.0% of tokens" in printed[0]
+    # a resumed run keeps the records up to the checkpoint and logs the rest again
+    resumed = LogLine(StepStats(), tmp_path, print_fn=printed.append, resume_step=2)
+    assert [r["step"] for r in resumed.history] == [1, 2]
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+    # a fresh run starts a fresh file
+    LogLine(StepStats(), tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_loss_curve_png(tmp_path):
+    from PIL import Image
+
+    history = [{"step": k, "loss": 3.0 / k} for k in range(1, 20)] + [{"step": 10, "eval_loss": 0.7}]
+    path = plot_loss_curve(history, tmp_path / "loss_curve.png")
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size == (600, 350)
+        assert len(set(img.convert("RGB").getdata())) > 10  # something was drawn
+    assert plot_loss_curve([{"step": 1, "eval_gen_anls": 0.5}], tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+    # the callback writes it at every save (rank 0 only) and at the end
+    log = LogLine(StepStats(), tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    log.history = history[:5]
+    curve = LossCurve(log, tmp_path / "run")
+    other_rank = SimpleNamespace(**{**vars(_state()), "is_world_process_zero": False})
+    curve.on_save(None, other_rank, None)
+    assert not (tmp_path / "run" / "loss_curve.png").exists()
+    curve.on_save(None, _state(), None)
+    first = (tmp_path / "run" / "loss_curve.png").read_bytes()
+    log.history = history
+    curve.on_train_end(None, _state(), None)
+    assert (tmp_path / "run" / "loss_curve.png").read_bytes() != first
+
+
+def test_generation_metric_scores_what_the_model_answers(demo, monkeypatch):
+    import internvl_lora.chat as chat
+    from internvl_lora.callbacks import GenerationEval, generation_samples
+    from internvl_lora.data.records import load_meta, read_lines
+    from internvl_lora.data.encode import EncodeSettings
+    from internvl_lora.internvl.checkpoint import inspect_checkpoint, load_tokenizer
+
+    heldout = demo.parent / "data" / "heldout_meta.json"
+    samples = generation_samples(read_lines(load_meta(heldout)), limit=3)
+    assert len(samples) == 3 and all(s["reference"] in ("red", "green", "blue", "yellow") for s in samples)
+    model_path = demo.parent / "model"
+    settings = EncodeSettings.from_checkpoint(inspect_checkpoint(model_path))
+    g = GenerationEval(samples, load_tokenizer(model_path), settings, every=1, batch_size=2)
+    answers = iter([s["reference"] for s in samples[:2]] + ["purple"])
+    monkeypatch.setattr(chat, "generate", lambda loaded, batch, n: [next(answers) for _ in batch])
+    m = g.evaluate(torch.nn.Linear(1, 1), "cpu")
+    assert m["eval_gen_samples"] == 3
+    assert m["eval_gen_exact_match"] == pytest.approx(2 / 3)
+    assert 0 <= m["eval_gen_anls"] <= 1 and not math.isnan(m["eval_gen_rouge_l"])
+
+
+def test_training_health_error_is_a_user_error():
+    assert issubclass(TrainingHealthError, UserError)

@@ -1,0 +1,249 @@
+"""Training end to end on the tiny InternVL: the output folder, evaluation during training (held-out
+split, eval loss, generation metric), adapter-only checkpoints, and write errors while saving."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from internvl_lora.callbacks import read_metrics
+from internvl_lora.config import load_config
+from internvl_lora.errors import UserError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from internvl_lora.demo import prepare
+
+    return prepare(tmp_path_factory.mktemp("demo"), n_train=16, n_heldout=4)
+
+
+def config(demo, out, *extra):
+    return load_config(demo, [f"train.output_dir={out}", "train.logging_steps=1", "train.per_device_batch_size=4",
+                              "train.warmup_ratio=0", *extra])
+
+
+@pytest.fixture(scope="module")
+def full_run(demo, tmp_path_factory):
+    """One run with every output: held-out split, eval loss, generation metric, checkpoints, tensorboard."""
+    from internvl_lora.train import train
+
+    out = tmp_path_factory.mktemp("full") / "run"
+    cfg = config(demo, out, "train.max_steps=6", "train.save_steps=2", "train.save_total_limit=2",
+                 "data.eval_fraction=0.25", "train.eval_steps=3", "train.generate_steps=3",
+                 "train.generate_samples=3", "train.generate_max_new_tokens=4")
+    adapter = train(cfg)
+    return cfg, out, adapter
+
+
+def test_output_folder_layout(full_run, demo):
+    cfg, out, adapter = full_run
+    names = {p.name for p in out.iterdir()}
+    assert {"config.yaml", "internvl_lora.json", "trainable_params.json", "metrics.jsonl", "loss_curve.png",
+            "tensorboard", "adapter"} <= names
+    # the resolved config is saved and loads back
+    saved = load_config(out / "config.yaml")
+    assert saved.to_dict() == cfg.to_dict()
+    meta = json.loads((out / "internvl_lora.json").read_text())
+    train_jsonl = demo.parent / "data" / "train.jsonl"
+    assert meta["dataset_fingerprint"] == hashlib.sha256(train_jsonl.read_bytes()).hexdigest()[:16]
+    assert meta["data"]["eval_samples"] == 4 and meta["data"]["train_samples"] == 12
+    for lib in ("torch", "transformers", "peft", "accelerate", "python"):
+        assert meta["versions"][lib]
+    assert meta["versions"]["transformers"] == __import__("transformers").__version__
+    assert meta["policy"]["llm"] == "lora" and meta["trainable"]["trainable"] > 0
+    assert list((out / "tensorboard").glob("**/events.out.tfevents.*"))
+
+
+def test_checkpoints_hold_the_adapter_and_resume_state_only(full_run):
+    _, out, _ = full_run
+    ckpts = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-4", "checkpoint-6"]  # save_total_limit 2 of 2, 4, 6
+    for c in ckpts:
+        files = {p.name for p in (out / c).iterdir()}
+        assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+                "trainer_state.json"} <= files
+        assert not any(f.startswith(("model", "pytorch_model")) for f in files), files
+        state = json.loads((out / c / "trainer_state.json").read_text())
+        assert state["global_step"] == int(c.split("-")[1])  # the data position
+    size = (out / "checkpoint-6" / "adapter_model.safetensors").stat().st_size
+    assert size < 2_000_000  # LoRA r16 on the tiny LLM, not the model
+
+
+def test_final_adapter_describes_itself(full_run):
+    cfg, out, adapter = full_run
+    files = {p.name for p in adapter.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "internvl_lora.json", "config.yaml",
+            "tokenizer.json", "preprocessor_config.json", "generation_config.json"} <= files
+    meta = json.loads((adapter / "internvl_lora.json").read_text())
+    assert meta["global_step"] == 6 and meta["final_loss"] > 0 and meta["final_eval_loss"] > 0
+    assert meta["final_generation_eval"]["step"] == 6
+    assert meta["base_model"] == str(Path(cfg.model.path).resolve())
+    assert not (out / ".adapter.partial").exists()
+
+
+def test_eval_loss_and_generation_metric_during_training(full_run):
+    _, out, _ = full_run
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [3, 6]  # every eval_steps, no duplicate at the end
+    gen = [r for r in rows if "eval_gen_exact_match" in r]
+    assert [r["step"] for r in gen] == [3, 6]
+    for r in gen:
+        assert r["eval_gen_samples"] == 3
+        for m in ("exact_match", "anls", "rouge_l"):
+            assert 0.0 <= r[f"eval_gen_{m}"] <= 1.0
+    first, last = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert last < first  # it learns something in 6 steps at lr 3e-3
+
+
+def test_loss_curve_png_is_written(full_run):
+    from PIL import Image
+
+    _, out, _ = full_run
+    with Image.open(out / "loss_curve.png") as img:
+        assert img.format == "PNG" and img.size[0] > 100
+    assert not list(out.glob("*.tmp.png"))
+
+
+def test_eval_fraction_split_is_deterministic_and_disjoint(demo):
+    from internvl_lora.data.records import Line
+    from internvl_lora.train import split_heldout
+
+    class FakeDataset:
+        def __init__(self):
+            # 10 distinct lines, line 3 repeated twice (repeat_time)
+            self.lines = [Line.__new__(Line) for _ in range(11)]
+            for k, ln in enumerate(self.lines):
+                object.__setattr__(ln, "index", k if k < 10 else 3)
+            self.lengths = list(range(11))
+            self.train = True
+
+    a_train, a_eval = split_heldout(FakeDataset(), 0.3, seed=1)
+    b_train, b_eval = split_heldout(FakeDataset(), 0.3, seed=1)
+    c_train, c_eval = split_heldout(FakeDataset(), 0.3, seed=2)
+    held = {ln.index for ln in a_eval.lines}
+    assert len(held) == 3 and len(a_eval.lines) == 3  # a repeated line is evaluated once
+    assert held == {ln.index for ln in b_eval.lines}
+    assert held != {ln.index for ln in c_eval.lines}
+    assert not held & {ln.index for ln in a_train.lines}
+    assert len(a_train.lines) + sum(1 for ln in FakeDataset().lines if ln.index in held) == 11
+    assert a_train.train and not a_eval.train
+    assert a_train.lengths == [k for k in range(11) if FakeDataset().lines[k].index not in held]
+    with pytest.raises(UserError, match="leaves no training sample"):
+        split_heldout(FakeDataset(), 0.99, seed=1)
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(demo, tmp_path, monkeypatch, capsys):
+    from internvl_lora import cli
+    from internvl_lora.train import is_complete_checkpoint
+
+    out = tmp_path / "run"
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **kw):
+        if str(f).endswith("optimizer.pt") and "checkpoint-2" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    args = ["internvl-lora", "train", str(demo), f"train.output_dir={out}", "train.report_to=[]",
+            "train.max_steps=3", "train.save_steps=1", "train.save_total_limit=1", "train.per_device_batch_size=4"]
+    monkeypatch.setattr(sys, "argv", args)
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: could not write checkpoint" in err and "checkpoint-2 at step 2: No space left on device" in err
+    assert "checkpoint-1 is intact" in err and "train.resume=true" in err
+    assert "Traceback" not in err
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1"]
+    assert is_complete_checkpoint(out / "checkpoint-1")
+    assert not (out / "adapter").exists()
+    # space freed: the same command with train.resume=true finishes from checkpoint-1
+    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(sys, "argv", args + ["train.resume=true"])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert json.loads((out / "adapter" / "internvl_lora.json").read_text())["global_step"] == 3
+
+
+def test_write_error_on_the_final_adapter_is_clear(demo, tmp_path, monkeypatch):
+    import internvl_lora.train as train_mod
+    from internvl_lora.train import CheckpointSaveError
+
+    real = train_mod.InternVLTrainer.save_model
+
+    def failing(self, output_dir=None, _internal_call=False):
+        if ".adapter.partial" in str(output_dir):
+            real(self, output_dir, _internal_call)
+            raise PermissionError(errno.EACCES, "Permission denied", str(output_dir))
+        return real(self, output_dir, _internal_call)
+
+    monkeypatch.setattr(train_mod.InternVLTrainer, "save_model", failing)
+    out = tmp_path / "run"
+    with pytest.raises(CheckpointSaveError) as e:
+        train_mod.train(config(demo, out, "train.report_to=[]", "train.max_steps=2", "train.save_steps=2"))
+    assert "could not write the final adapter" in str(e.value) and "Permission denied" in str(e.value)
+    assert "checkpoint-2 is intact" in str(e.value)
+    assert not (out / "adapter").exists() and not (out / ".adapter.partial").exists()
+
+
+def test_incomplete_checkpoints_are_skipped_on_resume(tmp_path, capsys):
+    from internvl_lora.train import find_resume_checkpoint, is_complete_checkpoint, last_complete_checkpoint
+
+    def ckpt(step, state=True, weights=True):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        if weights:
+            (d / "adapter_model.safetensors").write_bytes(b"x")
+        if state:
+            (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        return d
+
+    ckpt(2)
+    ckpt(4)
+    cut = ckpt(6, state=False)  # killed before trainer_state.json
+    torn = ckpt(8)
+    (torn / "trainer_state.json").write_text('{"global_st')  # killed while writing it
+    (tmp_path / "checkpoint-x").mkdir()
+    assert not is_complete_checkpoint(cut) and not is_complete_checkpoint(torn)
+    assert last_complete_checkpoint(tmp_path).name == "checkpoint-4"
+    assert find_resume_checkpoint(tmp_path).name == "checkpoint-4"
+    assert "checkpoint-6 is incomplete" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-x"]
+    assert find_resume_checkpoint(tmp_path / "missing") is None
+
+
+def test_resume_refuses_another_policy_and_warns_on_reuse(demo, tmp_path, capsys):
+    from internvl_lora.train import train
+
+    out = tmp_path / "run"
+    (out / "checkpoint-3").mkdir(parents=True)
+    (out / "checkpoint-3" / "adapter_model.safetensors").write_bytes(b"x")
+    (out / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3}')
+    (out / "config.yaml").write_text(yaml.safe_dump({"policy": {**config(demo, out).to_dict()["policy"], "r": 8}}))
+    with pytest.raises(UserError, match=r"different policy \(policy.r: 8 -> 16\)"):
+        train(config(demo, out, "train.resume=true"))
+    cfg = config(demo, out)
+    cfg.model.path = str(tmp_path / "nothing")  # stop right after the warning
+    with pytest.raises(UserError):
+        train(cfg)
+    assert "already holds 1 checkpoint(s) of an earlier run" in capsys.readouterr().out
