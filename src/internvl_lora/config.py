@@ -48,6 +48,8 @@ class DataArgs:
     min_num_frames: int = 8  # fewest frames sampled from a video
     max_num_frames: int = 32  # most frames sampled from a video
     num_workers: int = 2  # data-loader worker processes
+    packing: bool = False  # each micro-batch in one row, no padding: varlen attention, loss on trained positions only
+    jpeg_draft: bool = False  # decode JPEGs at reduced scale when shrunk 2x or more (faster; ~1/255 pixel difference)
 
 
 @dataclass

@@ -36,6 +36,7 @@ from .callbacks import (
 from .config import RunConfig, save_config
 from .data.audit import audit, format_report
 from .data.dataset import PadCollator, SupervisedDataset
+from .fast import PackedCollator, register_varlen_attention, trained_positions_loss
 from .data.encode import EncodeSettings
 from .data.records import load_meta
 from .errors import UserError
@@ -82,7 +83,7 @@ def encode_settings(cfg: RunConfig, info: CheckpointInfo) -> EncodeSettings:
     return EncodeSettings.from_checkpoint(
         info, template=cfg.model.template, max_length=d.max_length, max_dynamic_patch=d.max_dynamic_patch,
         truncation=d.truncation, max_image_pixels=d.max_image_pixels, video_sample=d.video_sample,
-        min_num_frames=d.min_num_frames, max_num_frames=d.max_num_frames,
+        min_num_frames=d.min_num_frames, max_num_frames=d.max_num_frames, jpeg_draft=d.jpeg_draft,
     )
 
 
@@ -300,9 +301,9 @@ class InternVLTrainer(Trainer):
     not here: the vision tower then runs inside the model's forward, before the LLM, on every rank.
     """
 
-    def __init__(self, *args, stats: StepStats, lengths: list[int] | None = None, **kw):
+    def __init__(self, *args, stats: StepStats, lengths: list[int] | None = None, fast_loss: bool = False, **kw):
         super().__init__(*args, **kw)
-        self.stats, self.lengths = stats, lengths
+        self.stats, self.lengths, self.fast_loss = stats, lengths, fast_loss
         self._grouped_sampler = None
         self.add_callback(_SamplerEpoch(self))
 
@@ -311,7 +312,12 @@ class InternVLTrainer(Trainer):
         training = model.training
         if training:
             self.stats.add(inputs)
-        loss, outputs = super().compute_loss(model, {**inputs, "use_cache": False}, True, num_items_in_batch)
+        if training and self.fast_loss:  # logits only where a label is trained (fast.trained_positions_loss)
+            loss, outputs = trained_positions_loss(model, inputs, num_items_in_batch), None
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as the stock loss path does for a global count
+        else:
+            loss, outputs = super().compute_loss(model, {**inputs, "use_cache": False}, True, num_items_in_batch)
         if training:
             self.stats.add_loss(loss)
         return (loss, outputs) if return_outputs else loss
@@ -352,12 +358,19 @@ class InternVLTrainer(Trainer):
                 "and run the same command with train.resume=true to continue from the last checkpoint") from None
 
 
-def data_collator(tokenizer, settings: EncodeSettings, dummy_vision: bool):
+def zero_stage(deepspeed_config: str | None) -> int:
+    """The ZeRO stage of a DeepSpeed JSON config (0 without one)."""
+    if not deepspeed_config:
+        return 0
+    return int(json.loads(Path(deepspeed_config).read_text()).get("zero_optimization", {}).get("stage", 0))
+
+
+def data_collator(tokenizer, settings: EncodeSettings, dummy_vision: bool, packing: bool = False):
     """Right-padding collator; with `dummy_vision`, a batch without images gets one blank tile and a
     masked, label-free block of image tokens after its last token (`data.blank_tile`), like the official
     white dummy tile: the loss is unchanged, and every rank runs embed -> vision -> LLM in the same order
     (so ZeRO-3 / FSDP gathers match across ranks and a trainable vision part always gets a gradient)."""
-    collator = PadCollator(tokenizer.pad_token_id)
+    collator = PackedCollator() if packing else PadCollator(tokenizer.pad_token_id)
     if not dummy_vision:
         return collator
     from .data.blank_tile import BlankTileCollator
@@ -385,7 +398,9 @@ def training_arguments(cfg: RunConfig, out: Path, dtype: torch.dtype, has_eval: 
         warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
         weight_decay=t.weight_decay, num_train_epochs=t.epochs, max_steps=t.max_steps, max_grad_norm=t.max_grad_norm,
         bf16=use_bf16, fp16=dtype == torch.float16, activation_checkpointing=ckpt,
-        activation_checkpointing_kwargs={"use_reentrant": False} if ckpt else None,
+        # ZeRO-3 releases partitioned weights between forward and recomputation, which non-reentrant
+        # checkpointing rejects ("Recomputed values ... have different metadata", seen on 2 H200s).
+        activation_checkpointing_kwargs={"use_reentrant": zero_stage(t.deepspeed) == 3} if ckpt else None,
         seed=t.seed, data_seed=t.seed, logging_steps=t.logging_steps, logging_nan_inf_filter=False,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit or None,
         eval_strategy="steps" if has_eval and t.eval_steps > 0 else "no",
@@ -501,6 +516,8 @@ def train(cfg: RunConfig) -> Path:
     model.config.use_cache = False
     model.config.text_config.use_cache = False
     model.set_attn_implementation(cfg.model.attn_implementation)
+    if cfg.data.packing:  # attention within each packed sample (torch varlen on a GPU)
+        model.set_attn_implementation({"text_config": register_varlen_attention()})
     model = apply_policy(model, cfg.policy, info.llm_type)
     init_dir = None
     if cfg.policy.init in MUTATING_INITS and is_peft(model):
@@ -534,8 +551,8 @@ def train(cfg: RunConfig) -> Path:
     dummy = t.dummy_vision == "always" or (t.dummy_vision == "auto" and world_size() > 1)
     trainer = InternVLTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        data_collator=data_collator(tokenizer, settings, dummy), callbacks=callbacks,
-        stats=stats, lengths=train_ds.lengths,
+        data_collator=data_collator(tokenizer, settings, dummy, cfg.data.packing), callbacks=callbacks,
+        stats=stats, lengths=train_ds.lengths, fast_loss=cfg.data.packing,
     )
     trainer.remove_callback(PrinterCallback)  # the LogLine prints instead of raw dicts
     if t.fsdp and not trainer.is_fsdp_enabled:
