@@ -4,10 +4,8 @@ their images, video frames, and through the CLI stdout holds the answer lines an
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -22,26 +20,9 @@ from internvl_lora.merge import merge
 MAX_NEW = 12
 
 
-def shared_run(tmp_path_factory) -> Path:
-    """A tiny model, its synthetic data and an LLM-LoRA run (16 steps, 2 tiles per image at most),
-    built once per test session and shared by tests/test_chat.py and tests/test_validate.py."""
-    from internvl_lora.config import load_config
-    from internvl_lora.demo import prepare
-    from internvl_lora.train import train
-
-    root = tmp_path_factory.getbasetemp() / "shared-llm-lora-run"
-    if not (root / "done").exists():
-        shutil.rmtree(root, ignore_errors=True)
-        cfg = prepare(root, n_train=16, n_heldout=8)
-        train(load_config(cfg, ["train.max_steps=16", "train.report_to=[]", "train.per_device_batch_size=4",
-                                "train.logging_steps=1", "train.save_steps=1000", "data.max_dynamic_patch=2"]))
-        (root / "done").touch()
-    return root
-
-
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    d = shared_run(tmp_path_factory)
+def ws(tmp_path_factory, shared_run):
+    d = shared_run
     adapter = d / "run" / "adapter"
     merged = tmp_path_factory.mktemp("chat") / "merged"
     merge(adapter, merged)

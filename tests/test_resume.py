@@ -28,19 +28,7 @@ CLI = [sys.executable, "-m", "internvl_lora.cli", "train"]
 STEPS = 12  # 16 samples / (2 per device x grad-accum 2) = 4 steps per epoch, 3 epochs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from internvl_lora.demo import prepare
-
-    return prepare(tmp_path_factory.mktemp("demo"), n_train=16, n_heldout=4)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures one_thread, demo: tests/conftest.py
 
 
 def overrides(out):

@@ -18,19 +18,7 @@ from internvl_lora.config import load_config
 from internvl_lora.errors import UserError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from internvl_lora.demo import prepare
-
-    return prepare(tmp_path_factory.mktemp("demo"), n_train=16, n_heldout=4)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures one_thread, demo: tests/conftest.py
 
 
 def config(demo, out, *extra):
