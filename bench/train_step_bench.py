@@ -30,40 +30,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from transformers import InternVLConfig, InternVLForConditionalGeneration, TrainerCallback, TrainingArguments  # noqa: E402
 
 from internvl_lora.callbacks import StepStats  # noqa: E402
+# The baseline's shapes, sample draws and FLOP formula, imported so both sides use the very same ones.
+from naive_lora_step import IMG_TOKEN, LLM, model_flops, samples  # noqa: E402
 from internvl_lora.config import PolicyArgs  # noqa: E402
 from internvl_lora.data.dataset import PadCollator  # noqa: E402
 from internvl_lora.fast import PackedCollator, register_varlen_attention, trained_positions_loss  # noqa: E402
 from internvl_lora.lora import apply_policy  # noqa: E402
 from internvl_lora.train import InternVLTrainer  # noqa: E402
 
-LLM = {  # Qwen2.5 shapes of InternVL3-1B / 2B / 8B (from their config.json llm_config)
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=2000, tie_word_embeddings=True),
-    "1b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=151674, tie_word_embeddings=True),
-    "2b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, vocab_size=151674, tie_word_embeddings=True),
-    "8b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, vocab_size=151674, tie_word_embeddings=False),
-}
 VIT_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=448, patch_size=14)
-IMG_TOKEN = 1000
-TOK_PER_TILE = 256
 PEAK_TFLOPS = 790.0
-
-
-def samples(n, rng, max_tiles):
-    """The naive script's sample distribution, draw for draw."""
-    out = []
-    for _ in range(n):
-        tiles = rng.randint(1, max_tiles)
-        patches = tiles + (1 if tiles > 1 else 0)
-        pre, q, a = rng.randint(16, 64), rng.randint(16, 128), rng.randint(32, 512)
-        ids = [rng.randint(1100, 1900) for _ in range(pre)] + [IMG_TOKEN] * (TOK_PER_TILE * patches) \
-            + [rng.randint(1100, 1900) for _ in range(q + a)]
-        labels = [-100] * (len(ids) - a) + ids[-a:]
-        out.append((ids, labels, patches))
-    return out
 
 
 class Synthetic(torch.utils.data.Dataset):
@@ -79,22 +60,6 @@ class Synthetic(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed(i)
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
                 "pixel_values": torch.randn(patches, 3, self.tile, self.tile, generator=g)}
-
-
-def model_flops(cfg, group):
-    t, v = cfg.text_config, cfg.vision_config
-    d, L, ff, V = t.hidden_size, t.num_hidden_layers, t.intermediate_size, t.vocab_size
-    kv = t.num_key_value_heads * (d // t.num_attention_heads)
-    n_llm = L * (d * d * 2 + d * kv * 2 + 3 * d * ff) + d * V
-    f = 0.0
-    for ids, _, patches in group:
-        s = len(ids)
-        f += 4 * n_llm * s + 3 * (2 * L * d * s * s)
-        vd, vL, vff = v.hidden_size, v.num_hidden_layers, v.intermediate_size
-        n_vit = vL * (4 * vd * vd + 2 * vd * vff)
-        vs = 1025
-        f += patches * (2 * n_vit * vs + 4 * vL * vd * vs * vs)
-    return f
 
 
 class FastTrainer(InternVLTrainer):

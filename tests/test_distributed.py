@@ -40,12 +40,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TEXT_ONLY = [("Which colour comes first: red or blue?", "red"), ("Name a warm colour.", "yellow")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

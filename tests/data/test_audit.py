@@ -14,7 +14,6 @@ from internvl_lora.data import encode as encode_mod
 from internvl_lora.data.audit import PROBLEM_KINDS, audit, format_report, histogram
 from internvl_lora.data.encode import EncodeSettings, encode_record
 from internvl_lora.data.records import load_meta, parse_record
-from internvl_lora.internvl.checkpoint import load_tokenizer
 from internvl_lora.internvl.templates import get_template
 from internvl_lora.internvl.tiling import num_tiles
 
@@ -22,13 +21,7 @@ Q = {"from": "human", "value": "What color is it?"}
 A = {"from": "gpt", "value": "red"}
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    from internvl_lora.demo import prepare
-
-    d = tmp_path_factory.mktemp("demo")
-    prepare(d, n_train=4, n_heldout=2)
-    return load_tokenizer(d / "model")
+# fixture `tok` (the tiny demo tokenizer): tests/data/conftest.py
 
 
 def settings(**kw) -> EncodeSettings:

@@ -16,19 +16,12 @@ from internvl_lora.data.dataset import PadCollator, SampleLoadError, SupervisedD
 from internvl_lora.data.encode import EncodeSettings
 from internvl_lora.data.records import load_meta
 from internvl_lora.errors import DataError, UserError
-from internvl_lora.internvl.checkpoint import load_tokenizer
 from internvl_lora.internvl.templates import get_template
 
 A = {"from": "gpt", "value": "red"}
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    from internvl_lora.demo import prepare
-
-    d = tmp_path_factory.mktemp("demo")
-    prepare(d, n_train=4, n_heldout=2)
-    return load_tokenizer(d / "model")
+# fixture `tok` (the tiny demo tokenizer): tests/data/conftest.py
 
 
 SETTINGS = dict(template=get_template("internvl2_5"), tile_size=64, tokens_per_tile=16, max_dynamic_patch=6)

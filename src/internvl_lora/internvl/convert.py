@@ -1311,7 +1311,7 @@ def read_original_config_unchecked(path: PathLike) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def _preprocessor_config(cfg: dict) -> dict:
+def preprocessor_config(cfg: dict) -> dict:
     size = int(cfg.get("force_image_size") or cfg.get("vision_config", {}).get("image_size", 448))
     return {
         "image_processor_type": "GotOcr2ImageProcessor",
@@ -1362,7 +1362,7 @@ def convert_checkpoint(src: PathLike, dst: PathLike, to: str, *, reference_origi
         with _atomic_folder(dst, overwrite) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            (tmp / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(cfg), indent=2) + "\n")
+            (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(cfg), indent=2) + "\n")
         return dst
 
     if kind != "internvl":

@@ -101,18 +101,10 @@ def build_tiny_checkpoint(out_dir: str | Path, extra_corpus: list[str] | None = 
     )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "GotOcr2ImageProcessor",
-        "crop_to_patches": True,
-        "min_patches": 1,
-        "max_patches": max_dynamic_patch,
-        "size": {"height": TILE_SIZE, "width": TILE_SIZE},
-        "image_mean": [0.485, 0.456, 0.406],
-        "image_std": [0.229, 0.224, 0.225],
-        "do_normalize": True,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_convert_rgb": True,
-        "resample": 3,
-    }, indent=2) + "\n")
+    # The -hf processor settings InternVL releases carry (448 px tiles there, TILE_SIZE here).
+    from .convert import preprocessor_config
+
+    settings = preprocessor_config({"force_image_size": TILE_SIZE, "max_dynamic_patch": max_dynamic_patch,
+                                    "min_dynamic_patch": 1, "dynamic_image_size": True})
+    (out / "preprocessor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
     return out
