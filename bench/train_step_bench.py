@@ -37,11 +37,12 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration, Train
 from internvl_lora.callbacks import StepStats  # noqa: E402
 # The baseline's shapes, sample draws and FLOP formula, imported so both sides use the very same ones.
 from naive_lora_step import IMG_TOKEN, LLM, model_flops, samples  # noqa: E402
-from internvl_lora.config import PolicyArgs  # noqa: E402
+from internvl_lora.config import PolicyArgs, TrainArgs  # noqa: E402
+from internvl_lora.data.batching import TokenBudgetBatchSampler  # noqa: E402
 from internvl_lora.data.dataset import PadCollator  # noqa: E402
-from internvl_lora.fast import PackedCollator, register_varlen_attention, trained_positions_loss  # noqa: E402
+from internvl_lora.fast import PackedCollator, register_varlen_attention  # noqa: E402
 from internvl_lora.lora import apply_policy  # noqa: E402
-from internvl_lora.train import InternVLTrainer  # noqa: E402
+from internvl_lora.train import InternVLTrainer, _CheckpointShare, speed_options  # noqa: E402
 
 VIT_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=448, patch_size=14)
 PEAK_TFLOPS = 790.0
@@ -62,14 +63,6 @@ class Synthetic(torch.utils.data.Dataset):
                 "pixel_values": torch.randn(patches, 3, self.tile, self.tile, generator=g)}
 
 
-class FastTrainer(InternVLTrainer):
-    """InternVLTrainer with the loss computed on trained positions only (fast.trained_positions_loss)."""
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self.stats.add(inputs)
-        return trained_positions_loss(model, inputs, num_items_in_batch)
-
-
 class Timer(TrainerCallback):
     def __init__(self, warmup):
         self.warmup, self.t0, self.steps = warmup, None, 0
@@ -86,7 +79,33 @@ class Timer(TrainerCallback):
             self.steps += 1
 
 
-def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropout=0.05):
+class Profile(TrainerCallback):
+    """torch.profiler over two steps after the warm-up; prints the top CUDA kernels by total time."""
+
+    def __init__(self, warmup, out_dir):
+        self.warmup, self.out_dir, self.prof = warmup, out_dir, None
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step == self.warmup + 1 and self.prof is None:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.prof.__enter__()
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.prof is not None and state.global_step == self.warmup + 3:
+            torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            table = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+            print(table, file=sys.stderr, flush=True)
+            Path(self.out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(self.out_dir) / "profile.txt").write_text(table)
+            self.prof = None
+
+
+def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropout=0.05, fused=True, compile=False,
+        budget=0, profile=False):
+    """ckpt: share of the LLM decoder layers recomputed (0 = no activation checkpointing, 1 = all)."""
     torch.manual_seed(0)
     vit = VIT_TINY if size == "tiny" else {}
     cfg = InternVLConfig(vision_config=vit, text_config=dict(model_type="qwen2", rope_theta=1e6, max_position_embeddings=32768, **LLM[size]),
@@ -100,38 +119,48 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
         model.set_attn_implementation({"text_config": register_varlen_attention()})
     model.config.use_cache = False
     model.config.text_config.use_cache = False
-    if liger:
-        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
-
-        apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=False, model=model.model.language_model)
+    # The training command's own setup (train.speed_options), driven by the same TrainArgs fields.
+    t = TrainArgs(liger=liger, fused_lora=fused, compile=compile, checkpoint_layers=ckpt or 1.0)
+    done = speed_options(model, t, before_adapters=True)
     model = apply_policy(model, PolicyArgs(dropout=dropout), "qwen2")
+    done += speed_options(model, t, before_adapters=False)
     rng = random.Random(0)
     groups = [samples(bs, rng, max_tiles) for _ in range(steps + warmup)]
     data = Synthetic(groups, cfg.vision_config.image_size[0] if isinstance(cfg.vision_config.image_size, (list, tuple)) else cfg.vision_config.image_size)
+    lengths = [len(ids) for ids, _, _ in data.items]
+    if budget:  # the same samples, in micro-batches of up to `budget` tokens (what the trainer's sampler yields)
+        batches = TokenBudgetBatchSampler(lengths, budget, seed=0, padded=not packed).batches(0)
+        timed = [[data.items[i] for i in b] for b in batches[warmup:]]
+        total_steps = len(batches)
+    else:
+        timed, total_steps = groups[warmup:], steps + warmup
     args = TrainingArguments(
         output_dir=out_dir, per_device_train_batch_size=bs, gradient_accumulation_steps=1, learning_rate=4e-5,
-        max_steps=steps + warmup, bf16=cuda, use_cpu=not cuda, activation_checkpointing=ckpt > 0,
-        # every_n_layers: checkpoint only every ckpt-th decoder layer (1 = all layers).
-        activation_checkpointing_kwargs={"use_reentrant": False, "every_n_layers": ckpt} if ckpt else None,
+        max_steps=total_steps, bf16=cuda, use_cpu=not cuda, activation_checkpointing=ckpt > 0,
+        activation_checkpointing_kwargs={"use_reentrant": False} if ckpt else None,
         logging_steps=10**6, save_strategy="no", report_to=[], disable_tqdm=True, remove_unused_columns=False,
         train_sampling_strategy="sequential", dataloader_num_workers=2 if cuda else 0, dataloader_pin_memory=cuda, seed=0,
+        data_seed=0,
     )
     stats = StepStats()
     timer = Timer(warmup)
-    cls = FastTrainer if mode in ("packed", "padded-fast") else InternVLTrainer
+    callbacks = [timer] + ([Profile(warmup, out_dir)] if profile and cuda else [])
     collator = PackedCollator() if packed else PadCollator(0)
-    trainer = cls(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[timer], stats=stats)
+    trainer = InternVLTrainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=callbacks,
+                              stats=stats, lengths=lengths, fast_loss=mode in ("packed", "padded-fast"),
+                              token_budget=budget)
+    if ckpt and ckpt < 1:
+        trainer.add_callback(_CheckpointShare(model, ckpt))
     trainer.train()
     if cuda:
         torch.cuda.synchronize()
     dt = time.perf_counter() - timer.t0
-    timed = groups[warmup:]
     real = sum(len(i) for g in timed for i, _, _ in g)
     flops = sum(model_flops(cfg, g) for g in timed)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-    return dict(size=size, mode=mode, bs=bs, grad_ckpt=ckpt, liger=liger, lora_dropout=dropout, steps=steps,
-                real_tokens_per_s=round(real / dt), samples_per_s=round(bs * steps / dt, 2),
+    return dict(size=size, mode=mode, bs=bs, token_budget=budget, grad_ckpt=ckpt, liger=liger, fused_lora=fused,
+                compile=compile, lora_dropout=dropout, steps=len(timed), options=done,
+                real_tokens_per_s=round(real / dt), samples_per_s=round(sum(len(g) for g in timed) / dt, 2),
                 model_tflops=round(flops / dt / 1e12, 1), pct_of_peak=round(100 * flops / dt / 1e12 / PEAK_TFLOPS, 1),
                 peak_gib=round(peak, 1))
 
@@ -143,19 +172,24 @@ if __name__ == "__main__":
     ap.add_argument("--bs", type=int, default=4)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--max-tiles", type=int, default=6)
-    ap.add_argument("--ckpt", default="1", help="comma list: 0 off, 1 every layer, k every k-th layer")
+    ap.add_argument("--ckpt", default="1", help="comma list: share of LLM layers recomputed (0 off, 1 all, 0.5 half)")
     ap.add_argument("--liger", default="0", help="comma list of 0/1")
+    ap.add_argument("--fused", default="1", help="comma list of 0/1: train.fused_lora")
+    ap.add_argument("--compile", default="0", help="comma list of 0/1: train.compile")
+    ap.add_argument("--budget", default="0", help="comma list of token budgets per micro-batch (0: batch of --bs samples)")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of two steps (first configuration)")
     ap.add_argument("--out", default="/tmp/bench_run")
     ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (the recipe's 0.05)")
     a = ap.parse_args()
-    for s in a.sizes.split(","):
-        for m in a.modes.split(","):
-            for c in map(int, a.ckpt.split(",")):
-                for lg in map(int, a.liger.split(",")):
-                    try:
-                        r = run(s, m, a.bs, a.steps, a.max_tiles, c, bool(lg), a.out, dropout=a.dropout)
-                    except Exception as e:  # one failing configuration must not hide the others
-                        r = dict(size=s, mode=m, grad_ckpt=c, liger=lg, error=repr(e)[:400])
-                    print(json.dumps(r), flush=True)
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
+    grid = [(s, m, float(c), int(lg), int(f), int(cp), int(b)) for s in a.sizes.split(",") for m in a.modes.split(",")
+            for c in a.ckpt.split(",") for lg in a.liger.split(",") for f in a.fused.split(",")
+            for cp in a.compile.split(",") for b in a.budget.split(",")]
+    for k, (s, m, c, lg, f, cp, b) in enumerate(grid):
+        try:
+            r = run(s, m, a.bs, a.steps, a.max_tiles, c, bool(lg), a.out, dropout=a.dropout, fused=bool(f),
+                    compile=bool(cp), budget=b, profile=a.profile and k == 0)
+        except Exception as e:  # one failing configuration must not hide the others
+            r = dict(size=s, mode=m, grad_ckpt=c, liger=lg, fused_lora=f, compile=cp, token_budget=b, error=repr(e)[:600])
+        print(json.dumps(r), flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

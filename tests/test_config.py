@@ -143,6 +143,9 @@ def test_overrides_and_yaml_scalars(tmp_path):
     (["train.dummy_vision=sometimes"], "train.dummy_vision must be one of"),
     (["train.fsdp=true", "train.deepspeed=zero1.json"], "exclusive"),
     (["policy.projector=lora"], "policy.projector must be one of frozen, full"),
+    (["data.max_tokens_per_batch=-1"], "data.max_tokens_per_batch must be >= 0"),
+    (["data.max_tokens_per_batch=4096", "data.max_length=8192"],
+     "data.max_tokens_per_batch (4096) must be >= data.max_length (8192)"),
 ])
 def test_semantic_checks(tmp_path, overrides, message):
     path = tmp_path / "c.yaml"

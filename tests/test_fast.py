@@ -101,3 +101,215 @@ def test_training_with_packing_follows_the_padded_loss_curve(tmp_path):
     assert len(curves[False]) == 4
     for a, b in zip(curves[False], curves[True]):
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), curves
+
+
+# -- LoRA input path ---------------------------------------------------------------------------------
+
+class _Block(torch.nn.Module):
+    """Three projections of one input (like q/k/v) and one of a wider input (like down_proj)."""
+
+    def __init__(self, d=24, wide=40):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(d, d, bias=False) for _ in range(3))
+        self.up = torch.nn.Linear(d, wide, bias=False)
+        self.down = torch.nn.Linear(wide, d, bias=False)
+
+    def forward(self, x):
+        h = self.q(x) * self.k(x).sigmoid() + self.v(x)
+        return self.down(torch.nn.functional.silu(self.up(h)))
+
+
+def _peft_block(dropout, seed=0, dtype=torch.float32):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    base = _Block().to(dtype)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                            target_modules=["q", "k", "v", "up", "down"], init_lora_weights="gaussian"))
+    for name, p in model.named_parameters():  # B != 0 so that every gradient path is exercised
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def _run(model, x, seed=1):
+    torch.manual_seed(seed)
+    xx = x.clone().requires_grad_(True)
+    y = model(xx)
+    (y.square().mean()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return y.detach(), xx.grad.clone(), grads
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_lora_inputs_equal_peft_in_float32(dropout):
+    """Same outputs and gradients as PEFT's own LoRA path, dropout masks included (same generator draws)."""
+    from internvl_lora.fast import DropoutLoraA, fuse_lora_inputs
+
+    x = torch.randn(2, 7, 24)
+    ref = _peft_block(dropout)
+    fused = _peft_block(dropout)
+    assert fuse_lora_inputs(fused) == 5
+    assert all(type(m) is DropoutLoraA for n, m in fused.named_modules() if n.endswith("lora_A.default"))
+    assert list(ref.state_dict()) == list(fused.state_dict())  # parameter names unchanged (save/merge)
+    y0, gx0, g0 = _run(ref, x)
+    y1, gx1, g1 = _run(fused, x)
+    assert torch.equal(y0, y1)
+    assert torch.allclose(gx0, gx1, rtol=1e-5, atol=1e-7)
+    assert g0.keys() == g1.keys() and len(g0) == 10
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], rtol=1e-5, atol=1e-7), n
+    if dropout:  # the masks really are random: a different seed gives different outputs
+        y2, _, _ = _run(fused, x, seed=2)
+        assert not torch.equal(y1, y2)
+    fused.eval()
+    ref.eval()
+    with torch.no_grad():
+        assert torch.equal(ref(x), fused(x))  # eval: no dropout
+
+
+def _saved_bytes(model, x) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward of one forward."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x.clone().requires_grad_(True)).sum()
+    return sum(seen.values())
+
+
+def test_fused_lora_keeps_less_for_the_backward():
+    """PEFT keeps a dropped copy and a mask per adapted projection; the fused path keeps the shared input."""
+    from internvl_lora.fast import fuse_lora_inputs
+
+    x = torch.randn(4, 64, 24)
+    ref, fused = _peft_block(0.1), _peft_block(0.1)
+    fuse_lora_inputs(fused)
+    before, after = _saved_bytes(ref, x), _saved_bytes(fused, x)
+    # Dropped copies: 3 x (64x24) for q/k/v + 64x24 for up + 64x40 for down (float32), masks 1 byte each.
+    n = 4 * 64
+    expected_saving = n * (4 * 24 + 40) * (4 + 1) - n * 24 * 4  # the shared input h is kept once
+    assert before - after >= 0.9 * expected_saving, (before, after, expected_saving)
+
+
+def test_fused_lora_under_autocast_matches_peft():
+    """bfloat16 autocast with float32 adapters (the Trainer's bf16 mode): no float32 copies, same result."""
+    from internvl_lora.fast import fuse_lora_inputs
+
+    x = torch.randn(2, 9, 24, dtype=torch.bfloat16)
+    ref, fused = _peft_block(0.0, dtype=torch.bfloat16), _peft_block(0.0, dtype=torch.bfloat16)
+    for m in (ref, fused):  # adapters in float32 next to a bf16 base, as PEFT's autocast_adapter_dtype does
+        for n, p in m.named_parameters():
+            if "lora_" in n:
+                p.data = p.data.float()
+    fuse_lora_inputs(fused)
+    outs = []
+    for m in (ref, fused):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, gx, g = _run(m, x)
+        outs.append((y, gx, g))
+        assert all(v.dtype == torch.float32 for k, v in g.items())
+    (y0, gx0, g0), (y1, gx1, g1) = outs
+    assert y1.dtype == y0.dtype == torch.bfloat16
+    assert torch.allclose(y0.float(), y1.float(), rtol=2e-2, atol=2e-2)
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], rtol=5e-2, atol=5e-3), n
+
+
+# -- weighted losses ---------------------------------------------------------------------------------
+
+def test_loss_weights_padded_and_packed():
+    from internvl_lora.fast import loss_weights
+
+    I = -100
+    rows = torch.tensor([[I, 5, 6, 7, 8], [I, I, I, 9, I]])
+    assert loss_weights(rows, reduction="token").tolist() == [[0, 1, 1, 1, 1], [0, 0, 0, 1, 0]]
+    w = loss_weights(rows, reduction="sample")
+    assert torch.allclose(w, torch.tensor([[0, .25, .25, .25, .25], [0, 0, 0, 1, 0]]))
+    w = loss_weights(rows, reduction="square")
+    assert torch.allclose(w, torch.tensor([[0, .5, .5, .5, .5], [0, 0, 0, 1, 0]]))
+    packed = torch.tensor([[I, 5, 6, 7, 8, I, I, I, 9, I, I, I]])  # three samples: 5 + 5 + 2 tokens
+    cu = torch.tensor([0, 5, 10, 12], dtype=torch.int32)
+    w = loss_weights(packed, cu, "square")
+    assert torch.allclose(w, torch.tensor([[0, .5, .5, .5, .5, 0, 0, 0, 1, 0, 0, 0]]))
+
+
+def test_square_loss_packed_equals_padded_and_reference(setup):
+    """square: sum over samples of (1/sqrt n) * sum CE, over sum of n/sqrt n -- packed == padded == by hand."""
+    d, tok, items = setup
+    items = [dict(it) for it in items]
+    for i, it in enumerate(items):  # the demo answers all have the same length: train i more tokens in sample i
+        lab = it["labels"].clone()
+        first = int((lab != -100).nonzero()[0])
+        lab[first - i:first] = it["input_ids"][first - i:first]
+        it["labels"] = lab
+    model = load_model(d / "model").eval()
+    padded = PadCollator(tok.pad_token_id)(items)
+    with torch.no_grad():
+        out = model(**padded, use_cache=False)
+        num, den = 0.0, 0.0
+        for row in range(len(items)):
+            lab = padded["labels"][row, 1:]
+            ce = torch.nn.functional.cross_entropy(out.logits[row, :-1].float(), lab, ignore_index=-100, reduction="sum")
+            n = (lab != -100).sum().item()
+            if n:
+                num, den = num + ce.item() / n ** 0.5, den + n ** 0.5
+        by_hand = num / den
+        a = trained_positions_loss(model, padded, None, "square").item()
+        model.set_attn_implementation({"text_config": register_varlen_attention()})
+        b = trained_positions_loss(model, PackedCollator()(items), None, "square").item()
+    assert abs(a - by_hand) < 1e-5 * abs(by_hand) and abs(b - by_hand) < 1e-5 * abs(by_hand), (a, b, by_hand)
+    token = trained_positions_loss(model, PackedCollator()(items), None, "token").item()
+    assert abs(token - by_hand) > 1e-4  # the weighting does change the loss on these samples
+
+
+def test_checkpoint_some_layers():
+    from internvl_lora.fast import checkpoint_some_layers
+
+    class L:
+        gradient_checkpointing = True
+
+    layers = [L() for _ in range(28)]
+    for layer in layers:
+        layer.gradient_checkpointing = True
+    chosen = checkpoint_some_layers(layers, 0.5)
+    assert len(chosen) == 14 and chosen[:3] == [0, 2, 4]
+    assert [i for i, layer in enumerate(layers) if layer.gradient_checkpointing] == chosen
+    layers = [L() for _ in range(28)]
+    for layer in layers:
+        layer.gradient_checkpointing = True
+    assert len(checkpoint_some_layers(layers, 0.7)) == 20
+    assert sum(layer.gradient_checkpointing for layer in layers) == 20
+    assert checkpoint_some_layers(layers, 0.0) == [] and not any(layer.gradient_checkpointing for layer in layers)
+
+
+def _curve(cfg_path, out, overrides):
+    import json
+
+    from internvl_lora.config import load_config
+    from internvl_lora.train import train
+
+    cfg = load_config(cfg_path, ["train.max_steps=4", "train.logging_steps=1", "train.per_device_batch_size=4",
+                                 "train.report_to=[]", "train.save_steps=1000", f"train.output_dir={out}", *overrides])
+    train(cfg)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_training_options_fused_lora_and_checkpoint_share(tmp_path, capsys):
+    """train.fused_lora gives the loss curve of PEFT's path (float32, dropout on); train.checkpoint_layers
+    recomputes only that share of the LLM layers without changing the numbers; square loss trains."""
+    cfg_path = prepare(tmp_path / "d", n_train=16, n_heldout=2)
+    ref = _curve(cfg_path, tmp_path / "ref", ["train.fused_lora=false", "policy.dropout=0.1"])
+    fused = _curve(cfg_path, tmp_path / "fused", ["train.fused_lora=true", "policy.dropout=0.1",
+                                                  "train.gradient_checkpointing=true", "train.checkpoint_layers=0.5"])
+    printed = capsys.readouterr().out
+    assert "fused LoRA inputs on" in printed and "activation checkpointing on 2 of 3 LLM decoder layers" in printed
+    assert len(ref) == 4
+    for a, b in zip(ref, fused):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (ref, fused)
+    square = _curve(cfg_path, tmp_path / "square", ["train.loss_reduction=square", "data.packing=true"])
+    assert len(square) == 4 and all(x == x and x > 0 for x in square)

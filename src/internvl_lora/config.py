@@ -24,6 +24,7 @@ from .errors import ConfigError
 PARTS = ("frozen", "lora", "full")
 INITS = ("default", "gaussian", "pissa", "olora")
 DUMMY_VISION = ("auto", "always", "never")
+LOSS_REDUCTIONS = ("token", "sample", "square")
 
 
 @dataclass
@@ -49,6 +50,7 @@ class DataArgs:
     max_num_frames: int = 32  # most frames sampled from a video
     num_workers: int = 2  # data-loader worker processes
     packing: bool = False  # each micro-batch in one row, no padding: varlen attention, loss on trained positions only
+    max_tokens_per_batch: int = 0  # > 0: micro-batches filled to this many tokens (bin packing by length) instead of train.per_device_batch_size samples
     jpeg_draft: bool = False  # decode JPEGs at reduced scale when shrunk 2x or more (faster; ~1/255 pixel difference)
 
 
@@ -82,6 +84,11 @@ class TrainArgs:
     max_steps: int = -1  # > 0 overrides epochs
     max_grad_norm: float = 1.0  # gradient clipping
     gradient_checkpointing: bool = True  # activation checkpointing (non-reentrant) in the LLM and the vision tower
+    checkpoint_layers: float = 1.0  # with gradient_checkpointing: share of the LLM's decoder layers recomputed (evenly spread; 1 all, 0.5 every other)
+    fused_lora: bool = True  # LoRA A applies its dropout itself and keeps only the layer's input (same numbers, less memory)
+    liger: bool = False  # Liger kernels (RMSNorm, SwiGLU, RoPE) in the LLM; needs liger-kernel and a GPU
+    compile: bool = False  # torch.compile each LLM decoder layer (experimental; GPU)
+    loss_reduction: str = "token"  # token: token mean over the global batch | sample: 1/n per sample's n trained tokens | square: 1/sqrt(n) (official)
     seed: int = 42  # seeds LoRA init, data order, dropout and the eval_fraction split
     logging_steps: int = 10  # optimizer steps per log line / metrics.jsonl record
     save_steps: int = 200  # optimizer steps per checkpoint
@@ -208,6 +215,12 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
         p.append(f"data.truncation must be drop or cut_text, got {cfg.data.truncation!r}")
     if cfg.data.num_workers < 0:
         p.append("data.num_workers must be >= 0")
+    if cfg.data.max_tokens_per_batch < 0:
+        p.append(f"data.max_tokens_per_batch must be >= 0 (0: train.per_device_batch_size samples per micro-batch), "
+                 f"got {cfg.data.max_tokens_per_batch}")
+    elif 0 < cfg.data.max_tokens_per_batch < cfg.data.max_length:
+        p.append(f"data.max_tokens_per_batch ({cfg.data.max_tokens_per_batch}) must be >= data.max_length "
+                 f"({cfg.data.max_length}): a sample of data.max_length tokens must fit in a micro-batch")
     if cfg.model.dtype not in ("auto", "bfloat16", "float16", "float32"):
         p.append(f"model.dtype must be auto, bfloat16, float16 or float32, got {cfg.model.dtype!r}")
     pol = cfg.policy
@@ -252,6 +265,14 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
         p.append("train.eval_batch_size must be >= 1")
     if t.watchdog_grad_norm <= 0:
         p.append("train.watchdog_grad_norm must be > 0")
+    if not 0 <= t.checkpoint_layers <= 1:
+        p.append(f"train.checkpoint_layers must be in [0, 1], got {t.checkpoint_layers}")
+    if t.compile and t.gradient_checkpointing:
+        p.append("train.compile needs train.gradient_checkpointing=false (torch's inductor fails on checkpointed "
+                 "decoder layers: 'Node ... was invalid, but is output', seen with torch 2.11); bound the memory with "
+                 "data.max_tokens_per_batch instead")
+    if t.loss_reduction not in LOSS_REDUCTIONS:
+        p.append(f"train.loss_reduction must be one of {', '.join(LOSS_REDUCTIONS)}, got {t.loss_reduction!r}")
     if t.dummy_vision not in DUMMY_VISION:
         p.append(f"train.dummy_vision must be one of {', '.join(DUMMY_VISION)}, got {t.dummy_vision!r}")
     if t.deepspeed and check_paths and not Path(t.deepspeed).exists():

@@ -98,8 +98,37 @@ class PackedCollator:
         return batch
 
 
-def trained_positions_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
-    """Causal-LM loss computing logits only at positions whose next token is trained."""
+def loss_weights(labels: torch.Tensor, cu_seq_lens: torch.Tensor | None = None, reduction: str = "token") -> torch.Tensor:
+    """Per-token loss weights, same shape as `labels` (0 where a label is not trained).
+
+    token: 1 per trained token; sample: 1/n and square: 1/sqrt(n), with n the number of trained
+    tokens of the sample the token belongs to (a padded row, or a packed segment given by
+    `cu_seq_lens`) -- the official `loss_reduction` / `len2weight`.
+    """
+    trained = labels != IGNORE_INDEX
+    if reduction == "token":
+        return trained.float()
+    if reduction not in ("sample", "square"):
+        raise ValueError(f"unknown loss reduction {reduction!r}")
+    if cu_seq_lens is None:
+        n = trained.sum(dim=-1, keepdim=True).expand_as(trained).float()
+    else:
+        flat = trained.reshape(-1)
+        cu = cu_seq_lens.to(flat.device).long()
+        segment = torch.bucketize(torch.arange(flat.numel(), device=flat.device), cu[1:], right=True)
+        per_segment = torch.zeros(len(cu) - 1, device=flat.device).index_add_(0, segment, flat.float())
+        n = per_segment[segment].reshape(trained.shape)
+    w = 1.0 / n.clamp(min=1) if reduction == "sample" else n.clamp(min=1).rsqrt()
+    return torch.where(trained, w, torch.zeros_like(w))
+
+
+def trained_positions_loss(model, inputs: dict, num_items_in_batch=None, reduction: str = "token") -> torch.Tensor:
+    """Causal-LM loss computing logits only at positions whose next token is trained.
+
+    The loss is sum(w * CE) over the trained positions divided by `num_items_in_batch` -- the sum of the
+    weights over the global batch (the number of trained tokens for `token`) -- or by this batch's own
+    sum when it is not given. `w` comes from `loss_weights`.
+    """
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     shifted = torch.full_like(labels, IGNORE_INDEX)
@@ -112,9 +141,179 @@ def trained_positions_loss(model, inputs: dict, num_items_in_batch=None) -> torc
     out = model(**inputs, use_cache=False, logits_to_keep=keep)
     logits = out.logits.float()  # (B, len(keep), V)
     target = shifted[:, keep]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-    denom = num_items_in_batch if num_items_in_batch is not None else (target != IGNORE_INDEX).sum()
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
+                         reduction="none")
+    if reduction == "token":
+        loss = ce.sum()
+        denom = num_items_in_batch if num_items_in_batch is not None else (target != IGNORE_INDEX).sum()
+    else:
+        w = loss_weights(labels, inputs.get("cu_seq_lens_q"), reduction)
+        w_shifted = torch.zeros_like(w)
+        w_shifted[:, :-1] = w[:, 1:]  # the weight of a label goes where it is predicted, like the label
+        w_keep = w_shifted[:, keep].reshape(-1)
+        loss = (ce * w_keep).sum()
+        denom = num_items_in_batch if num_items_in_batch is not None else w_keep.sum()
     if isinstance(denom, torch.Tensor):
         denom = denom.to(loss.device)
     return loss / denom
+
+
+# ---------------------------------------------------------------------------------------------------
+# Recomputation, kernels, compilation
+
+
+def checkpoint_some_layers(layers, share: float) -> list[int]:
+    """Keep activation checkpointing on `share` of `layers` (evenly spread), turn it off on the others.
+
+    Works on transformers' `GradientCheckpointingLayer`s after checkpointing was enabled (their public
+    `gradient_checkpointing` flag). Returns the indices that stay checkpointed.
+    """
+    n = len(layers)
+    k = round(share * n)
+    chosen = sorted({int(i * n / k) for i in range(k)}) if k else []
+    for i, layer in enumerate(layers):
+        if hasattr(layer, "gradient_checkpointing"):
+            layer.gradient_checkpointing = layer.gradient_checkpointing and i in chosen
+    return chosen
+
+
+def apply_liger(language_model) -> str:
+    """Liger kernels (RMSNorm, SwiGLU, RoPE) on one decoder-only model instance, by its model type.
+
+    The cross-entropy kernels stay off: the loss here computes logits at trained positions only.
+    """
+    model_type = language_model.config.model_type
+    try:
+        import liger_kernel.transformers as liger
+    except ImportError:
+        raise ImportError("train.liger needs the liger-kernel package (pip install liger-kernel) and a GPU") from None
+    fn = getattr(liger, f"apply_liger_kernel_to_{model_type}", None)
+    if fn is None:
+        raise ValueError(f"liger-kernel has no kernels for {model_type!r} models")
+    fn(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
+       model=language_model)
+    return model_type
+
+
+def compile_layers(layers) -> int:
+    """torch.compile each decoder layer in place (the same compiled code serves every layer)."""
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+# ---------------------------------------------------------------------------------------------------
+# LoRA input path: one shared input, dropout recomputed in the backward
+
+
+def _rng_state(device: torch.device):
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _with_rng_state(device: torch.device, state, fn):
+    """fn() drawing random numbers from `state`; the generator's current state is restored afterwards."""
+    if device.type == "cuda":
+        now = torch.cuda.get_rng_state(device)
+        torch.cuda.set_rng_state(state, device)
+        try:
+            return fn()
+        finally:
+            torch.cuda.set_rng_state(now, device)
+    now = torch.get_rng_state()
+    torch.set_rng_state(state)
+    try:
+        return fn()
+    finally:
+        torch.set_rng_state(now)
+
+
+class _DropoutLinear(torch.autograd.Function):
+    """y = dropout(x) @ W^T that keeps only x (and the generator state), never the dropped copy or its mask.
+
+    The backward draws the same mask again from the saved generator state (as activation checkpointing
+    does). x is the tensor the layer received, so the q/k/v (and gate/up) adapters of one layer all keep
+    the same tensor instead of one copy each.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, p: float):
+        w = weight.to(x.dtype)
+        ctx.p, ctx.weight_dtype = p, weight.dtype
+        if p > 0:
+            ctx.state = _rng_state(x.device)
+            dropped = torch.native_dropout(x, p, True)[0]
+        else:
+            dropped = x
+        ctx.save_for_backward(x, w)
+        return F.linear(dropped, w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        p = ctx.p
+        if p > 0:
+            dropped, mask = _with_rng_state(x.device, ctx.state, lambda: torch.native_dropout(x, p, True))
+        else:
+            dropped, mask = x, None
+        grad = grad.to(w.dtype)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ w
+            if mask is not None:
+                grad_x = torch.ops.aten.native_dropout_backward(grad_x, mask, 1.0 / (1.0 - p))
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad.reshape(-1, grad.shape[-1]).t() @ dropped.reshape(-1, dropped.shape[-1])).to(ctx.weight_dtype)
+        return grad_x, grad_w, None
+
+
+class DropoutLoraA(torch.nn.Linear):
+    """A LoRA A matrix that applies the adapter's dropout itself (see `_DropoutLinear`).
+
+    Same parameter (`weight`, same name and object), so saving, loading, merging and optimizer
+    state are unchanged. Under autocast the product runs in the autocast dtype, as `nn.Linear` would.
+    """
+
+    p: float = 0.0
+
+    def forward(self, x):
+        p = self.p if self.training else 0.0
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            x = x.to(torch.get_autocast_dtype(dev))
+            with torch.autocast(dev, enabled=False):
+                return _DropoutLinear.apply(x, self.weight, p)
+        return _DropoutLinear.apply(x.to(self.weight.dtype), self.weight, p)
+
+
+def fuse_lora_inputs(model) -> int:
+    """Let every plain LoRA layer (no DoRA or other variant) of a PEFT model feed its input to LoRA A as is.
+
+    PEFT casts the layer input to the adapter dtype (float32 copies next to a bfloat16 base), applies
+    dropout and keeps the dropped copy and its mask for the backward, once per adapted projection.
+    Here LoRA A does the dropout itself and keeps only the input (`DropoutLoraA`). The result is the same
+    computation, with the mask drawn from the same generator (equal to PEFT's numbers in float32).
+    Returns the number of LoRA modules changed. Call after the adapters are injected, before training.
+    """
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLinear):
+            continue
+        for name, lora_a in list(module.lora_A.items()):
+            if name in module.lora_variant or type(lora_a) is not torch.nn.Linear or lora_a.bias is not None:
+                continue
+            drop = module.lora_dropout[name]
+            if isinstance(drop, torch.nn.Dropout):
+                p = float(drop.p)
+            elif isinstance(drop, torch.nn.Identity):
+                p = 0.0
+            else:
+                continue
+            lora_a.__class__ = DropoutLoraA  # keeps the Parameter object, its name and any hooks
+            lora_a.p = p
+            module.lora_dropout[name] = torch.nn.Identity()
+            changed += 1
+        if all(type(a) is DropoutLoraA for a in module.lora_A.values()):
+            module.cast_input_dtype_enabled = False  # DropoutLoraA casts the input itself when autocast is off
+    return changed

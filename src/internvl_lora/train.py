@@ -35,8 +35,12 @@ from .callbacks import (
 )
 from .config import RunConfig, save_config
 from .data.audit import audit, format_report
+from .data.batching import TokenBudgetBatchSampler
 from .data.dataset import PadCollator, SupervisedDataset
-from .fast import PackedCollator, register_varlen_attention, trained_positions_loss
+from .fast import (
+    PackedCollator, apply_liger, checkpoint_some_layers, compile_layers, fuse_lora_inputs, loss_weights,
+    register_varlen_attention, trained_positions_loss,
+)
 from .data.encode import EncodeSettings
 from .data.records import load_meta
 from .errors import UserError
@@ -200,7 +204,8 @@ def check_resume_compatible(out: Path, cfg: RunConfig) -> None:
             f"cannot resume {out}: the checkpoints were trained with a different policy ("
             + ", ".join(f"policy.{k}: {old_policy[k]!r} -> {new['policy'][k]!r}" for k in diff)
             + "); use the original settings or a new train.output_dir")
-    for section, key in (("train", "per_device_batch_size"), ("train", "grad_accum"), ("train", "seed")):
+    for section, key in (("train", "per_device_batch_size"), ("train", "grad_accum"), ("train", "seed"),
+                         ("data", "max_tokens_per_batch")):
         before = (old.get(section) or {}).get(key) if isinstance(old, dict) else None
         if before is not None and before != new[section][key]:
             print0(f"warning: {section}.{key} changed from {before} to {new[section][key]} since the checkpoint; "
@@ -232,6 +237,21 @@ class GroupedSampler(Sampler):
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return iter(get_length_grouped_indices(self.lengths, self.global_batch, generator=g))
+
+
+class _CheckpointShare(TrainerCallback):
+    """`train.checkpoint_layers` < 1: after the Trainer turned checkpointing on, keep it on a share of the
+    LLM's decoder layers only (the others keep their activations: faster, more memory)."""
+
+    def __init__(self, model, share: float):
+        self.model, self.share = model, share
+
+    def on_train_begin(self, args, state, control, **kw):
+        if args.activation_checkpointing and self.share < 1:
+            layers = decoder_layers(self.model)
+            chosen = checkpoint_some_layers(layers, self.share)
+            print0(f"activation checkpointing on {len(chosen)} of {len(layers)} LLM decoder layers "
+                   f"(train.checkpoint_layers={self.share})")
 
 
 class _SamplerEpoch(TrainerCallback):
@@ -294,16 +314,20 @@ class InternVLTrainer(Trainer):
 
     - counters for the log line and the watchdog (tokens, trained tokens, tiles, per-step losses);
     - the KV cache forced off (a cache would also defeat packed attention);
-    - length grouping from the audit's lengths, seeded per epoch (`GroupedSampler`);
+    - length grouping from the audit's lengths, seeded per epoch (`GroupedSampler`), or micro-batches
+      filled to a token budget (`TokenBudgetBatchSampler`, `get_train_dataloader`);
     - checkpoint writes that fail leave no half-written folder and raise `CheckpointSaveError`.
 
     Text-only micro-batches are given a blank tile by the collator (`data_collator(..., dummy_vision)`),
     not here: the vision tower then runs inside the model's forward, before the LLM, on every rank.
     """
 
-    def __init__(self, *args, stats: StepStats, lengths: list[int] | None = None, fast_loss: bool = False, **kw):
+    def __init__(self, *args, stats: StepStats, lengths: list[int] | None = None, fast_loss: bool = False,
+                 loss_reduction: str = "token", token_budget: int = 0, **kw):
         super().__init__(*args, **kw)
-        self.stats, self.lengths, self.fast_loss = stats, lengths, fast_loss
+        self.stats, self.lengths, self.loss_reduction = stats, lengths, loss_reduction
+        self.token_budget = token_budget  # > 0: micro-batches of up to this many tokens (`get_train_dataloader`)
+        self.fast_loss = fast_loss or loss_reduction != "token"
         self._grouped_sampler = None
         self.add_callback(_SamplerEpoch(self))
 
@@ -313,7 +337,7 @@ class InternVLTrainer(Trainer):
         if training:
             self.stats.add(inputs)
         if training and self.fast_loss:  # logits only where a label is trained (fast.trained_positions_loss)
-            loss, outputs = trained_positions_loss(model, inputs, num_items_in_batch), None
+            loss, outputs = trained_positions_loss(model, inputs, num_items_in_batch, self.loss_reduction), None
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # as the stock loss path does for a global count
         else:
@@ -321,6 +345,18 @@ class InternVLTrainer(Trainer):
         if training:
             self.stats.add_loss(loss)
         return (loss, outputs) if return_outputs else loss
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """With a weighted loss (`sample` / `square`), the normaliser is the sum of the weights over the
+        global batch (micro-batches of the step x processes) instead of the number of trained tokens."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.loss_reduction == "token" or not batches or "labels" not in batches[0]:
+            return batches, num_items
+        total = sum(loss_weights(b["labels"], b.get("cu_seq_lens_q"), self.loss_reduction).sum() for b in batches)
+        total = torch.as_tensor(total, dtype=torch.float32, device=device).reshape(1)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            total = self.accelerator.gather(total)
+        return batches, total.sum()
 
     # -- data ---------------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
@@ -330,6 +366,45 @@ class InternVLTrainer(Trainer):
             self._grouped_sampler = GroupedSampler(self.lengths, global_batch, self.args.data_seed or self.args.seed)
             return self._grouped_sampler
         return super()._get_train_sampler(train_dataset)
+
+    def get_train_dataloader(self):
+        """With `token_budget` (data.max_tokens_per_batch): micro-batches of up to that many tokens from
+        `TokenBudgetBatchSampler`, instead of per_device_batch_size samples. The sampler already gives each
+        rank its own micro-batches (the same number on every rank), so accelerate's re-sharding of a batch
+        sampler is made a passthrough, as the Trainer does for its own rank-aware `BatchRebalanceSampler`;
+        accelerate's loader still moves batches to the device and calls the dataset's `set_epoch`."""
+        if not self.token_budget:
+            return super().get_train_dataloader()
+        from functools import partial
+
+        from torch.utils.data import DataLoader
+        from transformers.trainer_utils import seed_worker
+
+        if self.lengths is None:
+            raise ValueError("a token budget needs the samples' lengths (InternVLTrainer(lengths=...))")
+        a = self.args
+        inner = self.data_collator
+        while hasattr(inner, "inner"):  # under a BlankTileCollator (or another wrapper)
+            inner = inner.inner
+        padded = not isinstance(inner, PackedCollator)  # padded rows: a micro-batch costs samples x longest
+        sampler = TokenBudgetBatchSampler(self.lengths, self.token_budget, a.data_seed or a.seed,
+                                          num_replicas=max(1, a.world_size), rank=a.process_index, padded=padded)
+        self._grouped_sampler = sampler  # its epoch is set by _SamplerEpoch
+        print0(f"micro-batches of up to {self.token_budget} tokens ("
+               f"{'samples x longest, padded' if padded else 'summed lengths, packed'}): {len(sampler)} per epoch "
+               f"and process (data.max_tokens_per_batch; train.per_device_batch_size is not used)")
+        loader = DataLoader(
+            self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+            num_workers=a.dataloader_num_workers, pin_memory=a.dataloader_pin_memory,
+            persistent_workers=a.dataloader_persistent_workers and a.dataloader_num_workers > 0,
+            prefetch_factor=a.dataloader_prefetch_factor if a.dataloader_num_workers > 0 else None,
+            multiprocessing_context=a.dataloader_multiprocessing_context if a.dataloader_num_workers > 0 else None,
+            worker_init_fn=partial(seed_worker, num_workers=a.dataloader_num_workers, rank=a.process_index))
+        loader = self.accelerator.prepare(loader)
+        shard = getattr(loader, "batch_sampler", None)  # accelerate's BatchSamplerShard around ours (> 1 process)
+        if shard is not None and getattr(shard, "batch_sampler", None) is sampler:
+            shard.num_processes, shard.process_index = 1, 0
+        return loader
 
     # -- logging ------------------------------------------------------------------------------------
     def log(self, logs: dict, start_time: float | None = None) -> None:
@@ -415,6 +490,30 @@ def training_arguments(cfg: RunConfig, out: Path, dtype: torch.dtype, has_eval: 
         **({"use_cpu": True, "ddp_backend": "gloo"}
            if world_size() > 1 and not torch.cuda.is_available() and not t.deepspeed else {}),
     )
+
+
+def decoder_layers(model):
+    """The decoder layers of the model's language model (through a PEFT wrapper)."""
+    base = model.get_base_model() if is_peft(model) else model
+    return base.get_decoder().layers
+
+
+def speed_options(model, t, before_adapters: bool) -> list[str]:
+    """Apply the speed options of the `train` section; called before and after the adapters are injected.
+
+    Before: Liger kernels on the language model. After: the fused LoRA input path (`fast.fuse_lora_inputs`),
+    or torch.compile of each decoder layer (which then handles dropout itself). Returns what was done.
+    """
+    done = []
+    if before_adapters:
+        if t.liger:
+            done.append(f"liger kernels ({apply_liger(model.get_decoder())})")
+        return done
+    if t.compile:
+        done.append(f"torch.compile of {compile_layers(decoder_layers(model))} decoder layers")
+    elif t.fused_lora and is_peft(model):
+        done.append(f"fused LoRA inputs on {fuse_lora_inputs(model)} modules")
+    return done
 
 
 def _deepspeed_stage(path: str | None) -> int | None:
@@ -518,7 +617,11 @@ def train(cfg: RunConfig) -> Path:
     model.set_attn_implementation(cfg.model.attn_implementation)
     if cfg.data.packing:  # attention within each packed sample (torch varlen on a GPU)
         model.set_attn_implementation({"text_config": register_varlen_attention()})
+    speed = speed_options(model, t, before_adapters=True)
     model = apply_policy(model, cfg.policy, info.llm_type)
+    speed += speed_options(model, t, before_adapters=False)
+    if speed:
+        print0("speed options: " + "; ".join(speed))
     init_dir = None
     if cfg.policy.init in MUTATING_INITS and is_peft(model):
         init_dir = out / INIT_ADAPTER
@@ -552,8 +655,11 @@ def train(cfg: RunConfig) -> Path:
     trainer = InternVLTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=data_collator(tokenizer, settings, dummy, cfg.data.packing), callbacks=callbacks,
-        stats=stats, lengths=train_ds.lengths, fast_loss=cfg.data.packing,
+        stats=stats, lengths=train_ds.lengths, fast_loss=cfg.data.packing, loss_reduction=t.loss_reduction,
+        token_budget=cfg.data.max_tokens_per_batch,
     )
+    if t.gradient_checkpointing and t.checkpoint_layers < 1:
+        trainer.add_callback(_CheckpointShare(model, t.checkpoint_layers))
     trainer.remove_callback(PrinterCallback)  # the LogLine prints instead of raw dicts
     if t.fsdp and not trainer.is_fsdp_enabled:
         print0("warning: train.fsdp is set, but accelerate enables FSDP on GPUs only: this run uses DDP")

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One GPU call: the naive baseline, then our path with the given options (extra args go to train_step_bench.py).
+#   bash bench/gpu_perf.sh 8b --ckpt 1,0.5 --liger 0,1 --fused 1
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+SIZES=$1; shift
+OUTF=${OUT:-/tmp}/bench.jsonl
+python3 bench/naive_lora_step.py --sizes "$SIZES" --modes padded | sed 's/^{/{"src":"naive",/' | tee -a "$OUTF"
+for cfg in "$@"; do
+  # each argument is one option string, e.g. "--ckpt 1 --fused 0,1"
+  python3 bench/train_step_bench.py --sizes "$SIZES" --modes packed $cfg 2>>${OUT:-/tmp}/stderr.txt | grep '^{"size"' | sed 's/^{/{"src":"ours",/' | tee -a "$OUTF"
+done
+python3 bench/ratios.py "$OUTF"
