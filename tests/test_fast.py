@@ -73,12 +73,25 @@ def test_packed_gradients_equal_padded(setup):
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
-def test_varlen_needs_boundaries(setup):
+def test_varlen_without_boundaries_is_sdpa(setup):
+    """A model trained with packing still evaluates and generates on ordinary padded batches: without
+    cu_seq_lens the packed attention is SDPA with the padding mask (same logits, same generations)."""
     d, tok, items = setup
-    model = load_model(d / "model").eval()
-    model.set_attn_implementation({"text_config": register_varlen_attention()})
-    with pytest.raises(ValueError, match="cu_seq_lens_q"):
-        model(**PadCollator(tok.pad_token_id)(items[:2]), use_cache=False)
+    sdpa = load_model(d / "model").eval()
+    varlen = load_model(d / "model").eval()
+    varlen.set_attn_implementation({"text_config": register_varlen_attention()})
+    batch = PadCollator(tok.pad_token_id)(items[:3])
+    assert (batch["attention_mask"] == 0).any()  # really padded
+    with torch.no_grad():
+        a = sdpa(**batch, use_cache=False).logits
+        b = varlen(**batch, use_cache=False).logits
+    keep = batch["attention_mask"].bool()
+    assert torch.allclose(a[keep], b[keep], rtol=1e-5, atol=1e-5)
+    left = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        ga = sdpa.generate(**left, max_new_tokens=4, do_sample=False)
+        gb = varlen.generate(**left, max_new_tokens=4, do_sample=False)
+    assert torch.equal(ga, gb)
 
 
 def test_training_with_packing_follows_the_padded_loss_curve(tmp_path):
@@ -313,3 +326,29 @@ def test_training_options_fused_lora_and_checkpoint_share(tmp_path, capsys):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (ref, fused)
     square = _curve(cfg_path, tmp_path / "square", ["train.loss_reduction=square", "data.packing=true"])
     assert len(square) == 4 and all(x == x and x > 0 for x in square)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_lora_on_cuda_redraws_the_forward_mask():
+    """On the GPU in bf16: the backward's mask is the forward's (CUDA generator state saved and restored),
+    checked against the explicit formula with the mask drawn from the same generator state."""
+    from internvl_lora.fast import _DropoutLinear
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 1000, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(16, 512, device="cuda", dtype=torch.float32, requires_grad=True)
+    g = torch.randn(3, 1000, 16, device="cuda", dtype=torch.bfloat16)
+    state = torch.cuda.get_rng_state()
+    y = _DropoutLinear.apply(x, w, 0.1)
+    y.backward(g)
+    after = torch.cuda.get_rng_state()
+    torch.cuda.set_rng_state(state)
+    dropped, mask = torch.native_dropout(x.detach(), 0.1, True)
+    assert torch.equal(torch.cuda.get_rng_state(), after)  # the backward left the generator where the forward did
+    assert torch.equal(y, torch.nn.functional.linear(dropped, w.detach().to(torch.bfloat16)))
+    gx = torch.ops.aten.native_dropout_backward(g @ w.detach().to(torch.bfloat16), mask, 1 / 0.9)
+    gw = (g.reshape(-1, 16).t() @ dropped.reshape(-1, 512)).float()
+    assert torch.equal(x.grad, gx)
+    assert torch.allclose(w.grad, gw, rtol=1e-2, atol=1e-2)
+    assert 0.85 < mask.float().mean().item() < 0.95

@@ -49,7 +49,7 @@ class DataArgs:
     min_num_frames: int = 8  # fewest frames sampled from a video
     max_num_frames: int = 32  # most frames sampled from a video
     num_workers: int = 2  # data-loader worker processes
-    packing: bool = False  # each micro-batch in one row, no padding: varlen attention, loss on trained positions only
+    packing: bool = True  # each micro-batch in one row, no padding: varlen attention, loss on trained positions only
     max_tokens_per_batch: int = 0  # > 0: micro-batches filled to this many tokens (bin packing by length) instead of train.per_device_batch_size samples
     jpeg_draft: bool = False  # decode JPEGs at reduced scale when shrunk 2x or more (faster; ~1/255 pixel difference)
 

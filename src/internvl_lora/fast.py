@@ -4,7 +4,8 @@
   and the sample boundaries go to the attention as cumulative lengths (`cu_seq_lens_q/k`).
 - `VARLEN` is an attention implementation registered through transformers' public
   `AttentionInterface`: it attends within each packed sample only — torch's flash-based
-  `varlen_attn` on a GPU, a per-sample SDPA loop elsewhere (the same numbers, slower).
+  `varlen_attn` on a GPU, a per-sample SDPA loop elsewhere (the same numbers, slower). A batch without
+  sample boundaries (evaluation, generation, padded batches) goes to SDPA with its padding mask.
 - `trained_positions_loss` asks the model for logits only where a label is trained (the answers), via
   the public `logits_to_keep` argument, instead of materializing (tokens x vocab) logits for the whole
   sequence; the loss is the token sum over those positions divided by the number of trained tokens in
@@ -40,8 +41,11 @@ _VARLEN_GQA = _varlen_supports_gqa()
 def _varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query (1, H, T, D), key/value (1, KV, T, D) -> (1, T, H, D), attending within each packed sample."""
     cu = kwargs.get("cu_seq_lens_q")
-    if cu is None:
-        raise ValueError(f"attention '{VARLEN}' needs cu_seq_lens_q (use the packed collator)")
+    if cu is None:  # an ordinary batch (evaluation, generation, a padded batch): plain SDPA with its mask
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     max_len = int(kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max()))
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, D)
     if q.is_cuda:
@@ -64,10 +68,24 @@ def _varlen_attention(module, query, key, value, attention_mask, scaling=None, d
     return out.unsqueeze(0), None
 
 
+def _varlen_mask(*args, attention_mask=None, **kwargs):
+    """No mask for packed rows (they carry no padding mask; the boundaries travel as cu_seq_lens); the
+    SDPA mask when a padding mask is given, for the SDPA fallback of `_varlen_attention`."""
+    if attention_mask is None:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
 def register_varlen_attention() -> str:
+    """Register `VARLEN`: packed batches attend per sample; any other batch falls back to SDPA, so a model
+    trained with packing still evaluates and generates on ordinary (padded) batches."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(VARLEN, _varlen_attention)
+    AttentionMaskInterface.register(VARLEN, _varlen_mask)
     return VARLEN
 
 
