@@ -352,3 +352,44 @@ def test_fused_lora_on_cuda_redraws_the_forward_mask():
     assert torch.equal(x.grad, gx)
     assert torch.allclose(w.grad, gw, rtol=1e-2, atol=1e-2)
     assert 0.85 < mask.float().mean().item() < 0.95
+
+
+def test_square_loss_is_normalised_over_the_global_batch(tmp_path, monkeypatch):
+    """square: one micro-batch of 4 and two accumulated micro-batches of 2 (the same samples per step, by
+    the seeded sampler) give the same loss curve: sum(w * CE) / sum(w) over the whole optimizer step."""
+    import json
+
+    cfg_path = prepare(tmp_path / "d", n_train=16, n_heldout=2)
+    train_jsonl = tmp_path / "d" / "data" / "train.jsonl"
+    lines = train_jsonl.read_text().splitlines()
+    for i in range(8):  # answers of different lengths, so that 1/sqrt(n) differs between samples
+        answer = " ".join(["red", "green", "blue", "yellow"] * (i + 1))
+        lines.append(json.dumps({"id": 5000 + i, "conversations": [{"from": "human", "value": f"List {i + 1}."},
+                                                                  {"from": "gpt", "value": answer}]}))
+    train_jsonl.write_text("\n".join(lines) + "\n")
+    import internvl_lora.train as train_mod
+    from internvl_lora.fast import loss_weights
+
+    calls = []
+
+    def spy(model, inputs, num_items_in_batch=None, reduction="token"):
+        w = loss_weights(inputs["labels"], inputs.get("cu_seq_lens_q"), reduction).sum().item()
+        calls.append((w, float(num_items_in_batch)))
+        return trained_positions_loss(model, inputs, num_items_in_batch, reduction)
+
+    monkeypatch.setattr(train_mod, "trained_positions_loss", spy)
+    common = ["train.loss_reduction=square", "policy.dropout=0.0", "train.max_steps=3"]
+    one = _curve(cfg_path, tmp_path / "one", common + ["train.per_device_batch_size=4", "train.grad_accum=1"])
+    assert len(calls) == 3 and all(abs(w - n) < 1e-5 for w, n in calls), calls  # the normaliser is sum(w)
+    calls.clear()
+    two = _curve(cfg_path, tmp_path / "two", common + ["train.per_device_batch_size=2", "train.grad_accum=2"])
+    assert len(calls) == 6
+    for (w1, n1), (w2, n2) in zip(calls[0::2], calls[1::2]):  # both micro-batches divide by the step's sum(w)
+        assert abs(n1 - n2) < 1e-6 and abs(n1 - (w1 + w2)) < 1e-5, calls
+    monkeypatch.undo()
+    token = _curve(cfg_path, tmp_path / "token", ["policy.dropout=0.0", "train.max_steps=3",
+                                                  "train.per_device_batch_size=4", "train.grad_accum=1"])
+    assert len(one) == 3
+    for a, b in zip(one, two):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (one, two)
+    assert any(abs(a - b) > 1e-4 for a, b in zip(one, token))  # the weighting is in effect
