@@ -617,6 +617,8 @@ def train(cfg: RunConfig) -> Path:
     model.set_attn_implementation(cfg.model.attn_implementation)
     if cfg.data.packing:  # attention within each packed sample (torch varlen on a GPU)
         model.set_attn_implementation({"text_config": register_varlen_attention()})
+        print0(f"attention: LLM per packed sample (data.packing; unpacked batches such as generation use SDPA), "
+               f"vision tower {cfg.model.attn_implementation}")
     speed = speed_options(model, t, before_adapters=True)
     model = apply_policy(model, cfg.policy, info.llm_type)
     speed += speed_options(model, t, before_adapters=False)
