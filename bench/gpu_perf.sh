@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One GPU call: the naive baseline, then our path with the given options (extra args go to train_step_bench.py).
-#   bash bench/gpu_perf.sh 8b --ckpt 1,0.5 --liger 0,1 --fused 1
+# One GPU call: the naive baseline, then our path once per option string (passed to train_step_bench.py),
+# then the ratios. Results in $OUT/bench.jsonl (or /tmp/bench.jsonl).
+#   bash bench/gpu_perf.sh 8b "--ckpt 1 --fused 0,1" "--ckpt 0 --fused 1 --liger 1 --budget 3840"
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
