@@ -393,3 +393,23 @@ def test_square_loss_is_normalised_over_the_global_batch(tmp_path, monkeypatch):
     for a, b in zip(one, two):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (one, two)
     assert any(abs(a - b) > 1e-4 for a, b in zip(one, token))  # the weighting is in effect
+
+
+@pytest.mark.parametrize("sharded", [{}, {"fsdp": True}, {"deepspeed": "configs/deepspeed/zero3.json"}])
+def test_fused_lora_stays_off_with_sharded_weights(sharded):
+    """ZeRO-3 and FSDP keep PEFT's own LoRA path (the fused one was only run with whole weights)."""
+    from pathlib import Path
+
+    from internvl_lora.config import TrainArgs
+    from internvl_lora.fast import DropoutLoraA
+    from internvl_lora.train import speed_options
+
+    if "deepspeed" in sharded:
+        sharded = {"deepspeed": str(Path(__file__).resolve().parents[1] / sharded["deepspeed"])}
+    model = _peft_block(0.1)
+    done = speed_options(model, TrainArgs(**sharded), before_adapters=False)
+    fused = [m for m in model.modules() if type(m) is DropoutLoraA]
+    if sharded:
+        assert not fused and "off under ZeRO-3 / FSDP" in done[0]
+    else:
+        assert len(fused) == 5 and done == ["fused LoRA inputs on 5 modules"]

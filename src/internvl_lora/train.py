@@ -512,7 +512,12 @@ def speed_options(model, t, before_adapters: bool) -> list[str]:
     if t.compile:
         done.append(f"torch.compile of {compile_layers(decoder_layers(model))} decoder layers")
     elif t.fused_lora and is_peft(model):
-        done.append(f"fused LoRA inputs on {fuse_lora_inputs(model)} modules")
+        if zero_stage(t.deepspeed) == 3 or t.fsdp:
+            # Sharded weights are gathered and released around each module; the fused path has only
+            # been run unsharded (1 GPU, DDP, ZeRO-1), so sharded runs keep PEFT's own path.
+            done.append("fused LoRA inputs off under ZeRO-3 / FSDP (PEFT's path)")
+        else:
+            done.append(f"fused LoRA inputs on {fuse_lora_inputs(model)} modules")
     return done
 
 
