@@ -267,6 +267,11 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
         p.append("train.watchdog_grad_norm must be > 0")
     if not 0 <= t.checkpoint_layers <= 1:
         p.append(f"train.checkpoint_layers must be in [0, 1], got {t.checkpoint_layers}")
+    if t.liger and check_paths:  # the environment, like the input files
+        import importlib.util
+
+        if importlib.util.find_spec("liger_kernel") is None:
+            p.append("train.liger needs the liger-kernel package (pip install liger-kernel; GPU only)")
     if t.compile and t.gradient_checkpointing:
         p.append("train.compile needs train.gradient_checkpointing=false (torch's inductor fails on checkpointed "
                  "decoder layers: 'Node ... was invalid, but is output', seen with torch 2.11); bound the memory with "

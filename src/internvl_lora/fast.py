@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .errors import UserError
 from .internvl.constants import IGNORE_INDEX
 
 VARLEN = "packed_varlen"
@@ -204,10 +205,10 @@ def apply_liger(language_model) -> str:
     try:
         import liger_kernel.transformers as liger
     except ImportError:
-        raise ImportError("train.liger needs the liger-kernel package (pip install liger-kernel) and a GPU") from None
+        raise UserError("train.liger needs the liger-kernel package (pip install liger-kernel) and a GPU") from None
     fn = getattr(liger, f"apply_liger_kernel_to_{model_type}", None)
     if fn is None:
-        raise ValueError(f"liger-kernel has no kernels for {model_type!r} models")
+        raise UserError(f"train.liger: liger-kernel has no kernels for {model_type!r} models; set train.liger=false")
     fn(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
        model=language_model)
     return model_type
