@@ -195,16 +195,17 @@ def _saved_bytes(model, x) -> int:
 
 
 def test_fused_lora_keeps_less_for_the_backward():
-    """PEFT keeps a dropped copy and a mask per adapted projection; the fused path keeps the shared input."""
+    """PEFT keeps a dropped copy and a mask per adapted projection; the fused path keeps the shared input
+    (and, on a CPU, the masks; on a GPU it redraws them, see the GPU test below)."""
     from internvl_lora.fast import fuse_lora_inputs
 
     x = torch.randn(4, 64, 24)
     ref, fused = _peft_block(0.1), _peft_block(0.1)
     fuse_lora_inputs(fused)
     before, after = _saved_bytes(ref, x), _saved_bytes(fused, x)
-    # Dropped copies: 3 x (64x24) for q/k/v + 64x24 for up + 64x40 for down (float32), masks 1 byte each.
+    # Dropped float32 copies: 3 x (64x24) for q/k/v + 64x24 for up + 64x40 for down; the masks stay on a CPU.
     n = 4 * 64
-    expected_saving = n * (4 * 24 + 40) * (4 + 1) - n * 24 * 4  # the shared input h is kept once
+    expected_saving = n * (4 * 24 + 40) * 4 - n * 24 * 4  # the shared input h is kept once
     assert before - after >= 0.9 * expected_saving, (before, after, expected_saving)
 
 

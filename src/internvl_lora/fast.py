@@ -249,31 +249,36 @@ def _with_rng_state(device: torch.device, state, fn):
 class _DropoutLinear(torch.autograd.Function):
     """y = dropout(x) @ W^T that keeps only x (and the generator state), never the dropped copy or its mask.
 
-    The backward draws the same mask again from the saved generator state (as activation checkpointing
-    does). x is the tensor the layer received, so the q/k/v (and gate/up) adapters of one layer all keep
-    the same tensor instead of one copy each.
+    On a GPU the backward draws the same mask again from the saved generator state (as activation
+    checkpointing does; the draw is cheap there). On a CPU, where drawing is the expensive part, the mask
+    is kept instead (1 byte per element; still no dropped copy). x is the tensor the layer received, so
+    the q/k/v (and gate/up) adapters of one layer all keep the same tensor instead of one copy each.
     """
 
     @staticmethod
     def forward(ctx, x, weight, p: float):
         w = weight.to(x.dtype)
-        ctx.p, ctx.weight_dtype = p, weight.dtype
+        ctx.p, ctx.weight_dtype, ctx.state = p, weight.dtype, None
+        mask = None
         if p > 0:
-            ctx.state = _rng_state(x.device)
-            dropped = torch.native_dropout(x, p, True)[0]
+            if x.is_cuda:
+                ctx.state = _rng_state(x.device)
+            dropped, mask = torch.native_dropout(x, p, True)
         else:
             dropped = x
-        ctx.save_for_backward(x, w)
+        ctx.save_for_backward(x, w, mask if (mask is not None and ctx.state is None) else None)
         return F.linear(dropped, w)
 
     @staticmethod
     def backward(ctx, grad):
-        x, w = ctx.saved_tensors
+        x, w, mask = ctx.saved_tensors
         p = ctx.p
-        if p > 0:
+        if ctx.state is not None:
             dropped, mask = _with_rng_state(x.device, ctx.state, lambda: torch.native_dropout(x, p, True))
+        elif mask is not None:
+            dropped = torch.ops.aten.native_dropout_backward(x, mask, 1.0 / (1.0 - p))  # x * mask / (1 - p)
         else:
-            dropped, mask = x, None
+            dropped = x
         grad = grad.to(w.dtype)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
