@@ -76,6 +76,20 @@ class _Reject(Exception):
         super().__init__(message)
         self.kind, self.message = kind, message
 
+def _with_system(obj: dict, turns: list[dict], keep_system: bool) -> list[dict]:
+    """The record's top-level 'system' field as the first turn; the system turn dropped unless kept."""
+    system = obj.get("system")
+    if system not in (None, ""):
+        if not isinstance(system, str):
+            raise _Reject("bad_record", "'system' must be a string")
+        if turns and turns[0]["from"] == "system":
+            raise _Reject("bad_record", "record has both a 'system' field and a system message; keep one")
+        turns = [{"from": "system", "value": system}, *turns]
+    if turns and turns[0]["from"] == "system" and not keep_system:
+        turns = turns[1:]
+    return turns
+
+
 
 @dataclass
 class _Bad:
@@ -597,15 +611,7 @@ def _sharegpt_transform(media: _MediaWriter, keep_system: bool) -> Callable[[Any
                 if not isinstance(content, str):
                     raise _Reject("bad_turn", f"message {k} has no string 'content' (or 'value')")
                 turns.append({"from": "human" if r in _HUMAN else "gpt" if r in _GPT else "system", "value": content})
-        system = obj.get("system")
-        if system not in (None, ""):
-            if not isinstance(system, str):
-                raise _Reject("bad_record", "'system' must be a string")
-            if turns and turns[0]["from"] == "system":
-                raise _Reject("bad_record", "record has both a 'system' field and a system message; keep one")
-            turns.insert(0, {"from": "system", "value": system})
-        if turns and turns[0]["from"] == "system" and not keep_system:
-            turns = turns[1:]
+        turns = _with_system(obj, turns, keep_system)
         # LLaVA-style records name the media "image" / "video" (the InternVL spelling): accept both.
         for plural, singular in (("images", "image"), ("videos", "video")):
             if obj.get(plural) not in (None, "", []) and obj.get(singular) not in (None, "", []):
@@ -699,15 +705,7 @@ def _openai_transform(media: _MediaWriter, keep_system: bool) -> Callable[[Any, 
                         raise _Reject("bad_placeholder", f"message {k}: text contains a literal {tag}; in this layout "
                                                          "images are content parts, not tags")
             turns.append({"from": who, "value": "\n".join(pieces)})
-        system = obj.get("system")
-        if system not in (None, ""):
-            if not isinstance(system, str):
-                raise _Reject("bad_record", "'system' must be a string")
-            if turns and turns[0]["from"] == "system":
-                raise _Reject("bad_record", "record has both a 'system' field and a system message; keep one")
-            turns.insert(0, {"from": "system", "value": system})
-        if turns and turns[0]["from"] == "system" and not keep_system:
-            turns = turns[1:]
+        turns = _with_system(obj, turns, keep_system)
         return _finish(obj, index, turns, images, videos, {"messages", "system"})
 
     return transform
