@@ -80,7 +80,9 @@ class Timer(TrainerCallback):
 
 
 class Profile(TrainerCallback):
-    """torch.profiler over two steps after the warm-up; prints the top CUDA kernels by total time."""
+    """torch.profiler over one step after the warm-up: prints the top CUDA kernels by total time and writes
+    the Chrome trace (with Python stacks) to OUT_DIR/trace.json.gz, for the GPU idle-gap analysis of
+    bench/trace_gaps.py."""
 
     def __init__(self, warmup, out_dir):
         self.warmup, self.out_dir, self.prof = warmup, out_dir, None
@@ -89,22 +91,89 @@ class Profile(TrainerCallback):
         if state.global_step == self.warmup + 1 and self.prof is None:
             from torch.profiler import ProfilerActivity, profile
 
-            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            torch.cuda.synchronize()
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True)
             self.prof.__enter__()
 
     def on_step_end(self, args, state, control, **kw):
-        if self.prof is not None and state.global_step == self.warmup + 3:
+        if self.prof is not None and state.global_step == self.warmup + 2:
+            import gzip
+            import shutil
+
             torch.cuda.synchronize()
             self.prof.__exit__(None, None, None)
             table = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
             print(table, file=sys.stderr, flush=True)
-            Path(self.out_dir).mkdir(parents=True, exist_ok=True)
-            (Path(self.out_dir) / "profile.txt").write_text(table)
+            out = Path(self.out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "profile.txt").write_text(table)
+            self.prof.export_chrome_trace(str(out / "trace.json"))
+            with open(out / "trace.json", "rb") as f, gzip.open(out / "trace.json.gz", "wb") as g:
+                shutil.copyfileobj(f, g)
+            (out / "trace.json").unlink()
             self.prof = None
 
 
+class Phases:
+    """Wall time per phase of a training step, each phase ended by a CUDA synchronize (--phases): fetching
+    the micro-batches, vision forward, LLM forward (embedding, decoder, head), loss + backward (the rest of
+    the training step), and optimizer + Trainer bookkeeping (the rest of the step). The synchronizes remove
+    the overlap of host and GPU, so the sum is a bit above the plain step time."""
+
+    def __init__(self):
+        self.t = {}
+        self.n = 0
+        self.mark = None
+
+    def add(self, key, dt):
+        self.t[key] = self.t.get(key, 0.0) + dt
+
+    def now(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def hook(self, module, key):
+        def pre(*_):
+            self.mark = self.now()
+
+        def post(*_):
+            self.add(key, self.now() - self.mark)
+
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
+
+    def summary(self, steps):
+        return {k: round(v * 1e3 / max(steps, 1), 1) for k, v in self.t.items()}
+
+
+def timed_trainer(phases: Phases, timer):
+    class TimedTrainer(InternVLTrainer):
+        def get_batch_samples(self, *a, **k):
+            t = phases.now()
+            out = super().get_batch_samples(*a, **k)
+            if timer.t0 is not None:
+                phases.add("data_ms", phases.now() - t)
+            return out
+
+        def training_step(self, *a, **k):
+            t = phases.now()
+            before = dict(phases.t)
+            out = super().training_step(*a, **k)
+            dt = phases.now() - t
+            if timer.t0 is None:  # warm-up: drop what the hooks added
+                phases.t = before
+            else:
+                inner = sum(phases.t.get(x, 0.0) - before.get(x, 0.0) for x in ("vision_ms", "llm_fwd_ms"))
+                phases.add("loss_bwd_ms", dt - inner)
+                phases.add("training_step_ms", dt)
+            return out
+
+    return TimedTrainer
+
+
 def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropout=0.05, fused=True, compile=False,
-        budget=0, profile=False):
+        budget=0, profile=False, chunked=True, phases=False):
     """ckpt: share of the LLM decoder layers recomputed (0 = no activation checkpointing, 1 = all)."""
     torch.manual_seed(0)
     vit = VIT_TINY if size == "tiny" else {}
@@ -120,7 +189,7 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
     model.config.use_cache = False
     model.config.text_config.use_cache = False
     # The training command's own setup (train.speed_options), driven by the same TrainArgs fields.
-    t = TrainArgs(liger=liger, fused_lora=fused, compile=compile, checkpoint_layers=ckpt or 1.0)
+    t = TrainArgs(liger=liger, fused_lora=fused, compile=compile, checkpoint_layers=ckpt or 1.0, chunked_loss=chunked)
     done = speed_options(model, t, before_adapters=True)
     model = apply_policy(model, PolicyArgs(dropout=dropout), "qwen2")
     done += speed_options(model, t, before_adapters=False)
@@ -146,7 +215,14 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
     timer = Timer(warmup)
     callbacks = [timer] + ([Profile(warmup, out_dir)] if profile and cuda else [])
     collator = PackedCollator() if packed else PadCollator(0)
-    trainer = InternVLTrainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=callbacks,
+    ph = Phases() if phases else None
+    trainer_cls = InternVLTrainer
+    if ph is not None:
+        base = model.get_base_model()
+        ph.hook(base.model.vision_tower, "vision_ms")
+        ph.hook(base.model.language_model, "llm_fwd_ms")
+        trainer_cls = timed_trainer(ph, timer)
+    trainer = trainer_cls(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=callbacks,
                               stats=stats, lengths=lengths, fast_loss=mode in ("packed", "padded-fast"),
                               token_budget=budget)
     if ckpt and ckpt < 1:
@@ -155,14 +231,18 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
     if cuda:
         torch.cuda.synchronize()
     dt = time.perf_counter() - timer.t0
+    extra = {}
+    if ph is not None:
+        extra = ph.summary(len(timed))
+        extra["step_ms"] = round(dt * 1e3 / len(timed), 1)
     real = sum(len(i) for g in timed for i, _, _ in g)
     flops = sum(model_flops(cfg, g) for g in timed)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     return dict(size=size, mode=mode, bs=bs, token_budget=budget, grad_ckpt=ckpt, liger=liger, fused_lora=fused,
-                compile=compile, lora_dropout=dropout, steps=len(timed), options=done,
+                compile=compile, chunked_loss=chunked, lora_dropout=dropout, steps=len(timed), options=done,
                 real_tokens_per_s=round(real / dt), samples_per_s=round(sum(len(g) for g in timed) / dt, 2),
                 model_tflops=round(flops / dt / 1e12, 1), pct_of_peak=round(100 * flops / dt / 1e12 / PEAK_TFLOPS, 1),
-                peak_gib=round(peak, 1))
+                peak_gib=round(peak, 1), **extra)
 
 
 if __name__ == "__main__":
@@ -175,21 +255,25 @@ if __name__ == "__main__":
     ap.add_argument("--ckpt", default="1", help="comma list: share of LLM layers recomputed (0 off, 1 all, 0.5 half)")
     ap.add_argument("--liger", default="0", help="comma list of 0/1")
     ap.add_argument("--fused", default="1", help="comma list of 0/1: train.fused_lora")
+    ap.add_argument("--chunked", default="1", help="comma list of 0/1: train.chunked_loss")
     ap.add_argument("--compile", default="0", help="comma list of 0/1: train.compile")
     ap.add_argument("--budget", default="0", help="comma list of token budgets per micro-batch (0: batch of --bs samples)")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of two steps (first configuration)")
+    ap.add_argument("--phases", action="store_true", help="time the phases of a step (synchronizing after each)")
     ap.add_argument("--out", default="/tmp/bench_run")
     ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (the recipe's 0.05)")
     a = ap.parse_args()
-    grid = [(s, m, float(c), int(lg), int(f), int(cp), int(b)) for s in a.sizes.split(",") for m in a.modes.split(",")
-            for c in a.ckpt.split(",") for lg in a.liger.split(",") for f in a.fused.split(",")
-            for cp in a.compile.split(",") for b in a.budget.split(",")]
-    for k, (s, m, c, lg, f, cp, b) in enumerate(grid):
+    grid = [(s, m, float(c), int(lg), int(f), int(cp), int(b), int(ch)) for s in a.sizes.split(",")
+            for m in a.modes.split(",") for c in a.ckpt.split(",") for lg in a.liger.split(",")
+            for f in a.fused.split(",") for cp in a.compile.split(",") for b in a.budget.split(",")
+            for ch in a.chunked.split(",")]
+    for k, (s, m, c, lg, f, cp, b, ch) in enumerate(grid):
         try:
             r = run(s, m, a.bs, a.steps, a.max_tiles, c, bool(lg), a.out, dropout=a.dropout, fused=bool(f),
-                    compile=bool(cp), budget=b, profile=a.profile and k == 0)
+                    compile=bool(cp), budget=b, profile=a.profile and k == 0, chunked=bool(ch), phases=a.phases)
         except Exception as e:  # one failing configuration must not hide the others
-            r = dict(size=s, mode=m, grad_ckpt=c, liger=lg, fused_lora=f, compile=cp, token_budget=b, error=repr(e)[:600])
+            r = dict(size=s, mode=m, grad_ckpt=c, liger=lg, fused_lora=f, compile=cp, token_budget=b, chunked_loss=ch,
+                     error=repr(e)[:600])
         print(json.dumps(r), flush=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

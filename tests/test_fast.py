@@ -155,15 +155,15 @@ def _run(model, x, seed=1):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_fused_lora_inputs_equal_peft_in_float32(dropout):
+def test_fused_lora_layers_equal_peft_in_float32(dropout):
     """Same outputs and gradients as PEFT's own LoRA path, dropout masks included (same generator draws)."""
-    from internvl_lora.fast import DropoutLoraA, fuse_lora_inputs
+    from internvl_lora.fast import FusedLoraLinear, fuse_lora_layers
 
     x = torch.randn(2, 7, 24)
     ref = _peft_block(dropout)
     fused = _peft_block(dropout)
-    assert fuse_lora_inputs(fused) == 5
-    assert all(type(m) is DropoutLoraA for n, m in fused.named_modules() if n.endswith("lora_A.default"))
+    assert fuse_lora_layers(fused) == 5
+    assert sum(type(m) is FusedLoraLinear for m in fused.modules()) == 5
     assert list(ref.state_dict()) == list(fused.state_dict())  # parameter names unchanged (save/merge)
     y0, gx0, g0 = _run(ref, x)
     y1, gx1, g1 = _run(fused, x)
@@ -197,11 +197,11 @@ def _saved_bytes(model, x) -> int:
 def test_fused_lora_keeps_less_for_the_backward():
     """PEFT keeps a dropped copy and a mask per adapted projection; the fused path keeps the shared input
     (and, on a CPU, the masks; on a GPU it redraws them, see the GPU test below)."""
-    from internvl_lora.fast import fuse_lora_inputs
+    from internvl_lora.fast import fuse_lora_layers
 
     x = torch.randn(4, 64, 24)
     ref, fused = _peft_block(0.1), _peft_block(0.1)
-    fuse_lora_inputs(fused)
+    fuse_lora_layers(fused)
     before, after = _saved_bytes(ref, x), _saved_bytes(fused, x)
     # Dropped float32 copies: 3 x (64x24) for q/k/v + 64x24 for up + 64x40 for down; the masks stay on a CPU.
     n = 4 * 64
@@ -211,7 +211,7 @@ def test_fused_lora_keeps_less_for_the_backward():
 
 def test_fused_lora_under_autocast_matches_peft():
     """bfloat16 autocast with float32 adapters (the Trainer's bf16 mode): no float32 copies, same result."""
-    from internvl_lora.fast import fuse_lora_inputs
+    from internvl_lora.fast import fuse_lora_layers
 
     x = torch.randn(2, 9, 24, dtype=torch.bfloat16)
     ref, fused = _peft_block(0.0, dtype=torch.bfloat16), _peft_block(0.0, dtype=torch.bfloat16)
@@ -219,7 +219,7 @@ def test_fused_lora_under_autocast_matches_peft():
         for n, p in m.named_parameters():
             if "lora_" in n:
                 p.data = p.data.float()
-    fuse_lora_inputs(fused)
+    fuse_lora_layers(fused)
     outs = []
     for m in (ref, fused):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -321,7 +321,7 @@ def test_training_options_fused_lora_and_checkpoint_share(tmp_path, capsys):
     fused = _curve(cfg_path, tmp_path / "fused", ["train.fused_lora=true", "policy.dropout=0.1",
                                                   "train.gradient_checkpointing=true", "train.checkpoint_layers=0.5"])
     printed = capsys.readouterr().out
-    assert "fused LoRA inputs on" in printed and "activation checkpointing on 2 of 3 LLM decoder layers" in printed
+    assert "fused LoRA layers: " in printed and "chunked loss" in printed and "activation checkpointing on 2 of 3 LLM decoder layers" in printed
     assert len(ref) == 4
     for a, b in zip(ref, fused):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (ref, fused)
@@ -334,24 +334,33 @@ def test_training_options_fused_lora_and_checkpoint_share(tmp_path, capsys):
 def test_fused_lora_on_cuda_redraws_the_forward_mask():
     """On the GPU in bf16: the backward's mask is the forward's (CUDA generator state saved and restored),
     checked against the explicit formula with the mask drawn from the same generator state."""
-    from internvl_lora.fast import _DropoutLinear
+    from internvl_lora.fast import _LoraLinear
 
     torch.manual_seed(0)
-    x = torch.randn(3, 1000, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(16, 512, device="cuda", dtype=torch.float32, requires_grad=True)
-    g = torch.randn(3, 1000, 16, device="cuda", dtype=torch.bfloat16)
+    bf = torch.bfloat16
+    x = torch.randn(3, 1000, 512, device="cuda", dtype=bf, requires_grad=True)
+    base = torch.randn(256, 512, device="cuda", dtype=bf) / 20
+    bias = torch.randn(256, device="cuda", dtype=bf)
+    a = torch.randn(16, 512, device="cuda", dtype=torch.float32, requires_grad=True)
+    b = torch.randn(256, 16, device="cuda", dtype=torch.float32, requires_grad=True)
+    g = torch.randn(3, 1000, 256, device="cuda", dtype=bf)
     state = torch.cuda.get_rng_state()
-    y = _DropoutLinear.apply(x, w, 0.1)
+    y = _LoraLinear.apply(x, base, bias, a, b, 2.0, 0.1, bf)
     y.backward(g)
     after = torch.cuda.get_rng_state()
     torch.cuda.set_rng_state(state)
-    dropped, mask = torch.native_dropout(x.detach(), 0.1, True)
+    x2 = x.detach().reshape(-1, 512)
+    dropped, mask = torch.native_dropout(x2, 0.1, True)
     assert torch.equal(torch.cuda.get_rng_state(), after)  # the backward left the generator where the forward did
-    assert torch.equal(y, torch.nn.functional.linear(dropped, w.detach().to(torch.bfloat16)))
-    gx = torch.ops.aten.native_dropout_backward(g @ w.detach().to(torch.bfloat16), mask, 1 / 0.9)
-    gw = (g.reshape(-1, 16).t() @ dropped.reshape(-1, 512)).float()
-    assert torch.equal(x.grad, gx)
-    assert torch.allclose(w.grad, gw, rtol=1e-2, atol=1e-2)
+    a16, b16, g2 = a.detach().to(bf), b.detach().to(bf), g.reshape(-1, 256)
+    h = (dropped @ a16.t()) * 2.0
+    ref = torch.nn.functional.linear(x2, base, bias) + h @ b16.t()
+    assert torch.allclose(y.reshape(-1, 256).float(), ref.float(), rtol=2e-2, atol=2e-2)
+    gh = (g2 @ b16) * 2.0
+    gx = g2 @ base + torch.ops.aten.native_dropout_backward(gh @ a16, mask, 1 / 0.9)
+    assert torch.allclose(x.grad.reshape(-1, 512).float(), gx.float(), rtol=2e-2, atol=5e-2)
+    assert torch.allclose(a.grad, (gh.t() @ dropped).float(), rtol=2e-2, atol=5e-2)
+    assert torch.allclose(b.grad, (g2.t() @ h).float(), rtol=2e-2, atol=5e-2)
     assert 0.85 < mask.float().mean().item() < 0.95
 
 
@@ -402,15 +411,124 @@ def test_fused_lora_stays_off_with_sharded_weights(sharded):
     from pathlib import Path
 
     from internvl_lora.config import TrainArgs
-    from internvl_lora.fast import DropoutLoraA
+    from internvl_lora.fast import FusedLoraLinear
     from internvl_lora.train import speed_options
 
     if "deepspeed" in sharded:
         sharded = {"deepspeed": str(Path(__file__).resolve().parents[1] / sharded["deepspeed"])}
     model = _peft_block(0.1)
     done = speed_options(model, TrainArgs(**sharded), before_adapters=False)
-    fused = [m for m in model.modules() if type(m) is DropoutLoraA]
+    fused = [m for m in model.modules() if type(m) is FusedLoraLinear]
     if sharded:
         assert not fused and "off under ZeRO-3 / FSDP" in done[0]
     else:
-        assert len(fused) == 5 and done == ["fused LoRA inputs on 5 modules"]
+        assert len(fused) == 5 and done == ["fused LoRA layers: 5"]
+
+
+# -- chunked loss --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_chunked_linear_cross_entropy_equals_full_logits(weighted):
+    """Loss and gradients (hidden states and a trained output weight) equal the full-logits computation,
+    over several chunks, with ignored targets and per-position weights."""
+    from internvl_lora.fast import _ChunkedLinearCrossEntropy
+
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 50, (37,))
+    t[[3, 10, 11]] = -100
+    weights = torch.rand(37) if weighted else None
+    # 50 * 8 elements per chunk -> 8 positions per chunk, 5 chunks (the last one shorter)
+    loss = _ChunkedLinearCrossEntropy.apply(h, w, t, weights, 50 * 8)
+    (loss * 0.7).backward()
+    h2, w2 = h.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    ce = torch.nn.functional.cross_entropy(h2 @ w2.t(), t, ignore_index=-100, reduction="none")
+    ref = (ce * weights).sum() if weighted else ce.sum()
+    (ref * 0.7).backward()
+    assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(h.grad, h2.grad, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(w.grad, w2.grad, rtol=1e-5, atol=1e-6)
+    assert h.grad[3].abs().sum() == 0  # an ignored position gets no gradient
+
+
+@pytest.mark.parametrize("reduction", ["token", "square"])
+def test_chunked_loss_equals_logits_loss_on_the_model(setup, reduction):
+    """trained_positions_loss with the output layer deferred (train.chunked_loss) gives the loss and the
+    gradients of the logits path, packed, on the tiny InternVL; the output layer's weight is unchanged."""
+    from internvl_lora.fast import DeferredHead, chunk_output_layer
+
+    d, tok, items = setup
+    results = []
+    for chunked in (False, True):
+        model = load_model(d / "model")
+        model.train()
+        model.set_attn_implementation({"text_config": register_varlen_attention()})
+        if chunked:
+            assert chunk_output_layer(model)
+            assert type(model.get_output_embeddings()) is DeferredHead
+            model.lm_head.weight.requires_grad_(True)  # exercises the output weight's gradient too
+        batch = PackedCollator()(items)
+        loss = trained_positions_loss(model, batch, None, reduction)
+        loss.backward()
+        results.append((loss.detach(), model.model.language_model.layers[0].self_attn.q_proj.weight.grad.clone(),
+                        model.lm_head.weight.grad.clone() if chunked else None))
+        if chunked:  # outside the loss the output layer returns logits as before
+            with torch.no_grad():
+                out = model(**{k: v for k, v in PadCollator(tok.pad_token_id)(items[:2]).items()}, use_cache=False)
+            assert out.logits.shape[-1] == model.config.text_config.vocab_size
+    (l0, g0, _), (l1, g1, gw) = results
+    assert torch.allclose(l0, l1, rtol=1e-5, atol=1e-6), (l0, l1)
+    assert torch.allclose(g0, g1, rtol=1e-4, atol=1e-6)
+    assert gw is not None and gw.abs().sum() > 0
+
+
+def test_chunked_loss_under_autocast_matches_logits_loss(setup):
+    """bfloat16 autocast (the Trainer's bf16 mode) on a float32 model: the chunk's logits are formed in
+    bfloat16 like the output layer's, so both paths agree to bf16 rounding."""
+    from internvl_lora.fast import chunk_output_layer
+
+    d, tok, items = setup
+    losses = []
+    for chunked in (False, True):
+        model = load_model(d / "model").eval()
+        model.set_attn_implementation({"text_config": register_varlen_attention()})
+        if chunked:
+            chunk_output_layer(model)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            losses.append(trained_positions_loss(model, PackedCollator()(items), None).float())
+    assert torch.allclose(losses[0], losses[1], rtol=1e-3, atol=1e-3), losses
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_chunked_loss_on_cuda_in_bf16_matches_logits_loss(setup):
+    """On the GPU with a bf16 model under bf16 autocast (the Trainer's setting), fused LoRA layers on:
+    the chunked loss and its gradients agree with the logits path to bf16 rounding."""
+    from internvl_lora.config import PolicyArgs
+    from internvl_lora.fast import chunk_output_layer, fuse_lora_layers
+    from internvl_lora.lora import apply_policy
+
+    d, tok, items = setup
+    results = []
+    for chunked in (False, True):
+        torch.manual_seed(0)
+        model = apply_policy(load_model(d / "model", dtype=torch.bfloat16), PolicyArgs(dropout=0.0), "qwen2").cuda()
+        assert fuse_lora_layers(model) > 0
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+        model.train()
+        model.set_attn_implementation({"text_config": register_varlen_attention()})
+        if chunked:
+            assert chunk_output_layer(model)
+        batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in PackedCollator()(items).items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = trained_positions_loss(model, batch, None)
+        loss.backward()
+        grads = torch.cat([p.grad.float().flatten() for n, p in model.named_parameters() if p.grad is not None])
+        results.append((loss.float().item(), grads))
+    (l0, g0), (l1, g1) = results
+    assert abs(l0 - l1) <= 1e-2 * abs(l0), (l0, l1)
+    assert torch.nn.functional.cosine_similarity(g0, g1, dim=0) > 0.99

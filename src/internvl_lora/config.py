@@ -85,7 +85,8 @@ class TrainArgs:
     max_grad_norm: float = 1.0  # gradient clipping
     gradient_checkpointing: bool = True  # activation checkpointing (non-reentrant) in the LLM and the vision tower
     checkpoint_layers: float = 1.0  # with gradient_checkpointing: share of the LLM's decoder layers recomputed (evenly spread; 1 all, 0.5 every other)
-    fused_lora: bool = True  # LoRA A applies its dropout itself and keeps only the layer's input (same numbers, less memory; not under ZeRO-3 / FSDP)
+    fused_lora: bool = True  # each LoRA layer's training forward as one autograd node that keeps only the layer's input (same numbers, less memory and host time; not under ZeRO-3 / FSDP)
+    chunked_loss: bool = True  # logits of trained positions formed in chunks inside the loss, never all at once (same numbers; not under ZeRO-3 / FSDP)
     liger: bool = False  # Liger kernels (RMSNorm, SwiGLU, RoPE) in the LLM; needs liger-kernel and a GPU
     compile: bool = False  # torch.compile each LLM decoder layer (experimental; GPU)
     loss_reduction: str = "token"  # token: token mean over the global batch | sample: 1/n per sample's n trained tokens | square: 1/sqrt(n) (official)

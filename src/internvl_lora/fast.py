@@ -16,6 +16,8 @@ Generic: nothing here is specific to InternVL.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -157,24 +159,124 @@ def trained_positions_loss(model, inputs: dict, num_items_in_batch=None, reducti
         # No trained token: a zero that still depends on the parameters, so every rank joins the backward.
         out = model(**inputs, use_cache=False, logits_to_keep=torch.zeros(1, dtype=torch.long, device=labels.device))
         return out.logits.sum() * 0.0
-    out = model(**inputs, use_cache=False, logits_to_keep=keep)
-    logits = out.logits.float()  # (B, len(keep), V)
-    target = shifted[:, keep]
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
-                         reduction="none")
+    head = _deferred_head(model)
     if reduction == "token":
-        loss = ce.sum()
-        denom = num_items_in_batch if num_items_in_batch is not None else (target != IGNORE_INDEX).sum()
+        w_keep = None
     else:
         w = loss_weights(labels, inputs.get("cu_seq_lens_q"), reduction)
         w_shifted = torch.zeros_like(w)
         w_shifted[:, :-1] = w[:, 1:]  # the weight of a label goes where it is predicted, like the label
         w_keep = w_shifted[:, keep].reshape(-1)
-        loss = (ce * w_keep).sum()
+    target = shifted[:, keep].reshape(-1)
+    if head is not None:  # hidden states at the kept positions; logits one chunk at a time
+        head.defer = True
+        try:
+            hidden = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+        finally:
+            head.defer = False
+        loss = _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, target, w_keep)
+    else:
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits.float()  # (B, len(keep), V)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target, ignore_index=IGNORE_INDEX,
+                             reduction="none")
+        loss = ce.sum() if w_keep is None else (ce * w_keep).sum()
+    if w_keep is None:
+        denom = num_items_in_batch if num_items_in_batch is not None else (target != IGNORE_INDEX).sum()
+    else:
         denom = num_items_in_batch if num_items_in_batch is not None else w_keep.sum()
     if isinstance(denom, torch.Tensor):
         denom = denom.to(loss.device)
     return loss / denom
+
+
+class DeferredHead(torch.nn.Linear):
+    """The output layer (lm_head), able to hand back its input instead of logits while `defer` is set.
+
+    `trained_positions_loss` sets `defer` around the model call, so the model (and any wrapper: DDP,
+    DeepSpeed) runs as usual but returns the final hidden states at the kept positions; the logits
+    are then formed one chunk of positions at a time inside the loss (`_ChunkedLinearCrossEntropy`).
+    Same parameter and name as the `nn.Linear` it replaces (the class of the instance is changed).
+    """
+
+    defer: bool = False
+
+    def forward(self, x):
+        return x if self.defer else super().forward(x)
+
+
+def chunk_output_layer(model) -> bool:
+    """Let the loss form logits in chunks (see `DeferredHead`). Only for a plain `nn.Linear` output layer
+    without bias whose weight is whole on this device (not under ZeRO-3 / FSDP, whose weights are
+    gathered only during the module's own forward). Returns whether it was done."""
+    try:
+        head = model.get_output_embeddings()
+    except AttributeError:
+        return False
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return False
+    head.__class__ = DeferredHead
+    return True
+
+
+def _deferred_head(model):
+    get = getattr(model, "get_output_embeddings", None)
+    if get is None and hasattr(model, "module"):  # DDP and other wrappers
+        get = getattr(model.module, "get_output_embeddings", None)
+    head = get() if get is not None else None
+    return head if isinstance(head, DeferredHead) else None
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum_i w_i * CE(h_i W^T, t_i) without the (positions x vocab) logits: chunks of positions at a time.
+
+    Each chunk's logits are formed in the hidden states' dtype (as the output layer would under autocast),
+    turned into float32 log-probabilities, and their gradient with respect to the hidden states (and to
+    W, when it is trained) is computed right there; the backward only scales the stored gradients. Peak
+    extra memory: a few float32 buffers of `chunk x vocab`. Targets equal to IGNORE_INDEX contribute 0.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, weights, chunk_elements: int = 2**25):
+        dev = hidden.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+        ctx.hidden_dtype = hidden.dtype
+        hidden = hidden.to(dtype)
+        w = weight.to(dtype)
+        vocab = w.shape[0]
+        chunk = max(1, chunk_elements // vocab)
+        valid = target != IGNORE_INDEX
+        safe = torch.where(valid, target, torch.zeros_like(target))
+        scale = valid.float() if weights is None else weights.float() * valid
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        with torch.autocast(dev, enabled=False):
+            for a in range(0, hidden.shape[0], chunk):
+                h, t, s = hidden[a:a + chunk], safe[a:a + chunk], scale[a:a + chunk]
+                z = (h @ w.t()).float()  # the chunk's logits; everything below works in place on this buffer
+                picked = z.gather(1, t[:, None]).squeeze(1)
+                top = z.amax(dim=-1, keepdim=True)
+                z.sub_(top).exp_()
+                norm = z.sum(dim=-1, keepdim=True)
+                lse = top.squeeze(1) + norm.squeeze(1).log()
+                total += ((lse - picked) * s).sum()
+                z.div_(norm)  # softmax; d CE / d logits = softmax - onehot, times the position's weight
+                z[torch.arange(len(t), device=t.device), t] -= 1.0
+                g = z.mul_(s[:, None]).to(dtype)
+                del z
+                grad_h[a:a + chunk] = g @ w
+                if grad_w is not None:
+                    grad_w += (g.t() @ h).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = (grad_h * grad.to(grad_h.dtype)).to(ctx.hidden_dtype)
+        gw = None if grad_w is None else (grad_w * grad).to(ctx.weight_dtype)
+        return gh, gw, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -222,7 +324,7 @@ def compile_layers(layers) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# LoRA input path: one shared input, dropout recomputed in the backward
+# Fused LoRA layer: base projection + adapter in one autograd node, dropout recomputed in the backward
 
 
 def _rng_state(device: torch.device):
@@ -246,98 +348,136 @@ def _with_rng_state(device: torch.device, state, fn):
         torch.set_rng_state(now)
 
 
-class _DropoutLinear(torch.autograd.Function):
-    """y = dropout(x) @ W^T that keeps only x (and the generator state), never the dropped copy or its mask.
+class _LoraLinear(torch.autograd.Function):
+    """y = x W^T + b + s * (dropout(x) A^T) B^T for a frozen W, b, as one autograd node.
 
-    On a GPU the backward draws the same mask again from the saved generator state (as activation
-    checkpointing does; the draw is cheap there). On a CPU, where drawing is the expensive part, the mask
-    is kept instead (1 byte per element; still no dropped copy). x is the tensor the layer received, so
-    the q/k/v (and gate/up) adapters of one layer all keep the same tensor instead of one copy each.
+    Computed in `dtype` (the autocast dtype in mixed precision; the adapters' float32 weights are cast
+    for the products, their gradients are returned in float32). Keeps for the backward: x (the tensor
+    the layer received, so the q/k/v and gate/up layers of one decoder layer all keep the same tensor),
+    the rank-r product (tokens x r) and the cast adapter weights -- never a dropped copy of x. On a GPU
+    the dropout mask is drawn again in the backward from the saved generator state (as activation
+    checkpointing does; drawing is cheap there); on a CPU, where drawing is the expensive part, the mask
+    is kept (1 byte per element). The scale and the sum go into one matmul (`addmm_`).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, p: float):
-        w = weight.to(x.dtype)
-        ctx.p, ctx.weight_dtype, ctx.state = p, weight.dtype, None
-        mask = None
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, p: float, dtype):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(dtype)
+        w = weight.to(dtype)
+        y = F.linear(x2, w, None if bias is None else bias.to(dtype))
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        state = mask = None
         if p > 0:
-            if x.is_cuda:
-                ctx.state = _rng_state(x.device)
-            dropped, mask = torch.native_dropout(x, p, True)
+            if x2.is_cuda and not torch.cuda.is_current_stream_capturing():  # (a CUDA graph keeps the mask)
+                state = _rng_state(x2.device)
+            dropped, mask = torch.native_dropout(x2, p, True)
         else:
-            dropped = x
-        ctx.save_for_backward(x, w, mask if (mask is not None and ctx.state is None) else None)
-        return F.linear(dropped, w)
+            dropped = x2
+        h = (dropped @ a.t()).mul_(scale)
+        y.addmm_(h, b.t())
+        ctx.p, ctx.scale, ctx.state, ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = p, scale, state, x.dtype, lora_a.dtype, lora_b.dtype
+        ctx.save_for_backward(x2, w, a, b, h, mask if state is None else None)
+        return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x, w, mask = ctx.saved_tensors
+        x2, w, a, b, h, mask = ctx.saved_tensors
         p = ctx.p
+        g = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
         if ctx.state is not None:
-            dropped, mask = _with_rng_state(x.device, ctx.state, lambda: torch.native_dropout(x, p, True))
+            dropped, mask = _with_rng_state(x2.device, ctx.state, lambda: torch.native_dropout(x2, p, True))
         elif mask is not None:
-            dropped = torch.ops.aten.native_dropout_backward(x, mask, 1.0 / (1.0 - p))  # x * mask / (1 - p)
+            dropped = torch.ops.aten.native_dropout_backward(x2, mask, 1.0 / (1.0 - p))  # x * mask / (1 - p)
         else:
-            dropped = x
-        grad = grad.to(w.dtype)
-        grad_x = grad_w = None
+            dropped = x2
+        grad_x = grad_a = grad_b = None
+        gh = g @ b  # gradient of h / scale
+        if ctx.needs_input_grad[4]:
+            grad_b = (g.t() @ h).to(ctx.b_dtype)
+        gh = gh.mul_(ctx.scale)
+        if ctx.needs_input_grad[3]:
+            grad_a = (gh.t() @ dropped).to(ctx.a_dtype)
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ w
-            if mask is not None:
-                grad_x = torch.ops.aten.native_dropout_backward(grad_x, mask, 1.0 / (1.0 - p))
-        if ctx.needs_input_grad[1]:
-            grad_w = (grad.reshape(-1, grad.shape[-1]).t() @ dropped.reshape(-1, dropped.shape[-1])).to(ctx.weight_dtype)
-        return grad_x, grad_w, None
+            grad_x = g @ w
+            if mask is None:
+                grad_x.addmm_(gh, a)
+            else:
+                grad_x += torch.ops.aten.native_dropout_backward(gh @ a, mask, 1.0 / (1.0 - p))
+            grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1]).to(ctx.x_dtype)
+        return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
-class DropoutLoraA(torch.nn.Linear):
-    """A LoRA A matrix that applies the adapter's dropout itself (see `_DropoutLinear`).
-
-    Same parameter (`weight`, same name and object), so saving, loading, merging and optimizer
-    state are unchanged. Under autocast the product runs in the autocast dtype, as `nn.Linear` would.
-    """
-
-    p: float = 0.0
-
-    def forward(self, x):
-        p = self.p if self.training else 0.0
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev):
-            x = x.to(torch.get_autocast_dtype(dev))
-            with torch.autocast(dev, enabled=False):
-                return _DropoutLinear.apply(x, self.weight, p)
-        return _DropoutLinear.apply(x.to(self.weight.dtype), self.weight, p)
-
-
-def fuse_lora_inputs(model) -> int:
-    """Let every plain LoRA layer (no DoRA or other variant) of a PEFT model feed its input to LoRA A as is.
-
-    PEFT casts the layer input to the adapter dtype (float32 copies next to a bfloat16 base), applies
-    dropout and keeps the dropped copy and its mask for the backward, once per adapted projection.
-    Here LoRA A does the dropout itself and keeps only the input (`DropoutLoraA`). The result is the same
-    computation, with the mask drawn from the same generator (equal to PEFT's numbers in float32).
-    Returns the number of LoRA modules changed. Call after the adapters are injected, before training.
-    """
+@functools.cache
+def _lora_linear_class():
+    """(PEFT's LoRA `Linear`, our `FusedLoraLinear` subclass), built on first use so importing this module
+    does not import PEFT; `internvl_lora.fast.FusedLoraLinear` resolves to it (pickling, isinstance)."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
+    class FusedLoraLinear(LoraLinear):
+        """PEFT's LoRA `Linear`, whose training forward runs as one `_LoraLinear` node.
+
+        Same parameters, buffers, names and hooks (the class of an existing instance is changed), so
+        saving, loading, merging and the optimizer see PEFT's module. Anything but the plain case -- no
+        gradient, eval mode, merged or disabled adapters, several active adapters, extra arguments,
+        mixed dtypes without autocast -- goes to PEFT's own forward.
+        """
+
+        def forward(self, x, *args, **kwargs):
+            if args or kwargs or not self.training or not torch.is_grad_enabled() or self.merged \
+                    or self.disable_adapters:
+                return super().forward(x, *args, **kwargs)
+            active = self.active_adapters
+            if len(active) != 1 or active[0] not in self.lora_A or active[0] in self.lora_variant:
+                return super().forward(x, *args, **kwargs)
+            name = active[0]
+            base, lora_a, lora_b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
+            dev = x.device.type
+            if torch.is_autocast_enabled(dev):
+                dtype = torch.get_autocast_dtype(dev)
+            elif x.dtype == base.weight.dtype == lora_a.dtype == lora_b.dtype:
+                dtype = x.dtype
+            else:
+                return super().forward(x, *args, **kwargs)
+            drop = self.lora_dropout[name]
+            p = float(drop.p) if isinstance(drop, torch.nn.Dropout) else 0.0
+            with torch.autocast(dev, enabled=False):
+                return _LoraLinear.apply(x, base.weight, base.bias, lora_a, lora_b, float(self.scaling[name]), p,
+                                         dtype)
+
+    FusedLoraLinear.__module__ = __name__
+    return LoraLinear, FusedLoraLinear
+
+
+def __getattr__(name):
+    if name == "FusedLoraLinear":
+        return _lora_linear_class()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def fuse_lora_layers(model) -> int:
+    """Give every plain LoRA `Linear` of a PEFT model the fused training forward (`_LoraLinear`).
+
+    PEFT computes base(x) + B(A(dropout(x.float()))) * s as separate modules: per adapted projection
+    a float32 copy of the input, a dropped copy and its mask kept for the backward, and about a dozen
+    autograd nodes and kernel launches. The fused forward is the same computation (same generator draws;
+    equal to PEFT's numbers in float32) in one node, keeping only the input. Plain means: an `nn.Linear`
+    base with frozen weight and bias, no DoRA or other variant, no LoRA bias, dropout or none.
+    Returns the number of layers changed. Call after the adapters are injected, before training.
+    """
+    lora_linear, fused = _lora_linear_class()
     changed = 0
     for module in model.modules():
-        if not isinstance(module, LoraLinear):
+        if type(module) is not lora_linear or module.lora_variant or module.fan_in_fan_out:
             continue
-        for name, lora_a in list(module.lora_A.items()):
-            if name in module.lora_variant or type(lora_a) is not torch.nn.Linear or lora_a.bias is not None:
-                continue
-            drop = module.lora_dropout[name]
-            if isinstance(drop, torch.nn.Dropout):
-                p = float(drop.p)
-            elif isinstance(drop, torch.nn.Identity):
-                p = 0.0
-            else:
-                continue
-            lora_a.__class__ = DropoutLoraA  # keeps the Parameter object, its name and any hooks
-            lora_a.p = p
-            module.lora_dropout[name] = torch.nn.Identity()
-            changed += 1
-        if all(type(a) is DropoutLoraA for a in module.lora_A.values()):
-            module.cast_input_dtype_enabled = False  # DropoutLoraA casts the input itself when autocast is off
+        base = module.base_layer
+        if type(base) is not torch.nn.Linear or any(p.requires_grad for p in base.parameters()):
+            continue
+        layers = list(module.lora_A.values()) + list(module.lora_B.values())
+        if any(type(m) is not torch.nn.Linear or m.bias is not None for m in layers):
+            continue
+        if not all(isinstance(d, (torch.nn.Dropout, torch.nn.Identity)) for d in module.lora_dropout.values()):
+            continue
+        module.__class__ = fused
+        changed += 1
     return changed

@@ -38,8 +38,8 @@ from .data.audit import audit, format_report
 from .data.batching import TokenBudgetBatchSampler
 from .data.dataset import PadCollator, SupervisedDataset
 from .fast import (
-    PackedCollator, apply_liger, checkpoint_some_layers, compile_layers, fuse_lora_inputs, loss_weights,
-    register_varlen_attention, trained_positions_loss,
+    PackedCollator, apply_liger, checkpoint_some_layers, chunk_output_layer, compile_layers, fuse_lora_layers,
+    loss_weights, register_varlen_attention, trained_positions_loss,
 )
 from .data.encode import EncodeSettings
 from .data.records import load_meta
@@ -501,23 +501,30 @@ def decoder_layers(model):
 def speed_options(model, t, before_adapters: bool) -> list[str]:
     """Apply the speed options of the `train` section; called before and after the adapters are injected.
 
-    Before: Liger kernels on the language model. After: the fused LoRA input path (`fast.fuse_lora_inputs`),
-    or torch.compile of each decoder layer (which then handles dropout itself). Returns what was done.
+    Before: Liger kernels on the language model. After: the fused LoRA layers (`fast.fuse_lora_layers`),
+    or torch.compile of each decoder layer (which then handles dropout itself); the chunked loss
+    (`fast.chunk_output_layer`). Returns what was done.
     """
     done = []
     if before_adapters:
         if t.liger:
             done.append(f"liger kernels ({apply_liger(model.get_decoder())})")
         return done
+    sharded = zero_stage(t.deepspeed) == 3 or bool(t.fsdp)
     if t.compile:
         done.append(f"torch.compile of {compile_layers(decoder_layers(model))} decoder layers")
     elif t.fused_lora and is_peft(model):
-        if zero_stage(t.deepspeed) == 3 or t.fsdp:
+        if sharded:
             # Sharded weights are gathered and released around each module; the fused path has only
             # been run unsharded (1 GPU, DDP, ZeRO-1), so sharded runs keep PEFT's own path.
-            done.append("fused LoRA inputs off under ZeRO-3 / FSDP (PEFT's path)")
+            done.append("fused LoRA layers off under ZeRO-3 / FSDP (PEFT's path)")
         else:
-            done.append(f"fused LoRA inputs on {fuse_lora_inputs(model)} modules")
+            done.append(f"fused LoRA layers: {fuse_lora_layers(model)}")
+    if t.chunked_loss:
+        if sharded:  # the output layer's weight is whole only inside its own forward there
+            done.append("chunked loss off under ZeRO-3 / FSDP")
+        elif chunk_output_layer(model):
+            done.append("chunked loss")
     return done
 
 
