@@ -173,7 +173,7 @@ def timed_trainer(phases: Phases, timer):
 
 
 def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropout=0.05, fused=True, compile=False,
-        budget=0, profile=False, chunked=True, phases=False):
+        budget=0, profile=False, chunked=True, phases=False, accum=1):
     """ckpt: share of the LLM decoder layers recomputed (0 = no activation checkpointing, 1 = all)."""
     torch.manual_seed(0)
     vit = VIT_TINY if size == "tiny" else {}
@@ -199,12 +199,15 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
     lengths = [len(ids) for ids, _, _ in data.items]
     if budget:  # the same samples, in micro-batches of up to `budget` tokens (what the trainer's sampler yields)
         batches = TokenBudgetBatchSampler(lengths, budget, seed=0, padded=not packed).batches(0)
-        timed = [[data.items[i] for i in b] for b in batches[warmup:]]
-        total_steps = len(batches)
+        usable = len(batches) - len(batches) % accum  # whole optimizer steps only
+        timed = [[data.items[i] for i in b] for b in batches[warmup * accum:usable]]
+        total_steps = usable // accum
     else:
+        if accum != 1:
+            raise ValueError("--accum needs a token budget")
         timed, total_steps = groups[warmup:], steps + warmup
     args = TrainingArguments(
-        output_dir=out_dir, per_device_train_batch_size=bs, gradient_accumulation_steps=1, learning_rate=4e-5,
+        output_dir=out_dir, per_device_train_batch_size=bs, gradient_accumulation_steps=accum, learning_rate=4e-5,
         max_steps=total_steps, bf16=cuda, use_cpu=not cuda, activation_checkpointing=ckpt > 0,
         activation_checkpointing_kwargs={"use_reentrant": False} if ckpt else None,
         logging_steps=10**6, save_strategy="no", report_to=[], disable_tqdm=True, remove_unused_columns=False,
@@ -239,7 +242,7 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
     flops = sum(model_flops(cfg, g) for g in timed)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     return dict(size=size, mode=mode, bs=bs, token_budget=budget, grad_ckpt=ckpt, liger=liger, fused_lora=fused,
-                compile=compile, chunked_loss=chunked, lora_dropout=dropout, steps=len(timed), options=done,
+                compile=compile, chunked_loss=chunked, grad_accum=accum, lora_dropout=dropout, steps=len(timed), options=done,
                 real_tokens_per_s=round(real / dt), samples_per_s=round(sum(len(g) for g in timed) / dt, 2),
                 model_tflops=round(flops / dt / 1e12, 1), pct_of_peak=round(100 * flops / dt / 1e12 / PEAK_TFLOPS, 1),
                 peak_gib=round(peak, 1), **extra)
@@ -259,6 +262,7 @@ if __name__ == "__main__":
     ap.add_argument("--compile", default="0", help="comma list of 0/1: train.compile")
     ap.add_argument("--budget", default="0", help="comma list of token budgets per micro-batch (0: batch of --bs samples)")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of two steps (first configuration)")
+    ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (with --budget)")
     ap.add_argument("--phases", action="store_true", help="time the phases of a step (synchronizing after each)")
     ap.add_argument("--out", default="/tmp/bench_run")
     ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (the recipe's 0.05)")
@@ -270,7 +274,7 @@ if __name__ == "__main__":
     for k, (s, m, c, lg, f, cp, b, ch) in enumerate(grid):
         try:
             r = run(s, m, a.bs, a.steps, a.max_tiles, c, bool(lg), a.out, dropout=a.dropout, fused=bool(f),
-                    compile=bool(cp), budget=b, profile=a.profile and k == 0, chunked=bool(ch), phases=a.phases)
+                    compile=bool(cp), budget=b, profile=a.profile and k == 0, chunked=bool(ch), phases=a.phases, accum=a.accum)
         except Exception as e:  # one failing configuration must not hide the others
             r = dict(size=s, mode=m, grad_ckpt=c, liger=lg, fused_lora=f, compile=cp, token_budget=b, chunked_loss=ch,
                      error=repr(e)[:600])
