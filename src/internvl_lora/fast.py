@@ -10,6 +10,10 @@
   the public `logits_to_keep` argument, instead of materializing (tokens x vocab) logits for the whole
   sequence; the loss is the token sum over those positions divided by the number of trained tokens in
   the global batch (the Trainer's `num_items_in_batch`), i.e. the token mean over the global batch.
+  With `chunk_output_layer` the model returns hidden states there instead, and the loss forms the
+  logits a chunk of positions at a time (`DeferredHead`, `_ChunkedLinearCrossEntropy`).
+- `fuse_lora_layers` gives PEFT's LoRA layers a training forward that runs as one autograd node and
+  keeps only the layer input (`FusedLoraLinear`); recomputation, kernels and compilation helpers follow.
 
 Generic: nothing here is specific to InternVL.
 """
@@ -376,7 +380,8 @@ class _LoraLinear(torch.autograd.Function):
             dropped = x2
         h = (dropped @ a.t()).mul_(scale)
         y.addmm_(h, b.t())
-        ctx.p, ctx.scale, ctx.state, ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = p, scale, state, x.dtype, lora_a.dtype, lora_b.dtype
+        ctx.p, ctx.scale, ctx.state = p, scale, state
+        ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = x.dtype, lora_a.dtype, lora_b.dtype
         ctx.save_for_backward(x2, w, a, b, h, mask if state is None else None)
         return y.view(*shape[:-1], y.shape[-1])
 
