@@ -179,6 +179,12 @@ def test_fused_lora_layers_equal_peft_in_float32(dropout):
     ref.eval()
     with torch.no_grad():
         assert torch.equal(ref(x), fused(x))  # eval: no dropout
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(fused))  # torch.save of a whole model pickles the class by name
+    assert sum(type(m) is FusedLoraLinear for m in copy.modules()) == 5
+    with torch.no_grad():
+        assert torch.equal(copy(x), fused(x))
 
 
 def _saved_bytes(model, x) -> int:

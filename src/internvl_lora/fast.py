@@ -450,7 +450,7 @@ def _lora_linear_class():
                 return _LoraLinear.apply(x, base.weight, base.bias, lora_a, lora_b, float(self.scaling[name]), p,
                                          dtype)
 
-    FusedLoraLinear.__module__ = __name__
+    FusedLoraLinear.__module__, FusedLoraLinear.__qualname__ = __name__, "FusedLoraLinear"
     return LoraLinear, FusedLoraLinear
 
 
