@@ -184,10 +184,10 @@ def trained_positions_loss(model, inputs: dict, num_items_in_batch=None, reducti
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target, ignore_index=IGNORE_INDEX,
                              reduction="none")
         loss = ce.sum() if w_keep is None else (ce * w_keep).sum()
-    if w_keep is None:
-        denom = num_items_in_batch if num_items_in_batch is not None else (target != IGNORE_INDEX).sum()
-    else:
-        denom = num_items_in_batch if num_items_in_batch is not None else w_keep.sum()
+    if num_items_in_batch is not None:
+        denom = num_items_in_batch
+    else:  # this batch's own sum of weights
+        denom = (target != IGNORE_INDEX).sum() if w_keep is None else w_keep.sum()
     if isinstance(denom, torch.Tensor):
         denom = denom.to(loss.device)
     return loss / denom

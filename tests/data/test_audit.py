@@ -7,7 +7,6 @@ import random
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from internvl_lora.data import encode as encode_mod
@@ -37,19 +36,6 @@ def write(folder: Path, records: list, name: str = "train.jsonl") -> Path:
         for r in records:
             f.write(r if isinstance(r, bytes) else json.dumps(r).encode())
             f.write(b"\n")
-    return path
-
-
-def write_mp4(path: Path, n: int = 30, fps: int = 10) -> Path:
-    av = pytest.importorskip("av")
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("mpeg4", rate=fps)
-        s.width, s.height, s.pix_fmt = 32, 32, "yuv420p"
-        for i in range(n):
-            for p in s.encode(av.VideoFrame.from_ndarray(np.full((32, 32, 3), i * 8, np.uint8), format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
     return path
 
 
@@ -129,8 +115,8 @@ def test_template_mismatch_is_a_problem_kind(tmp_path, tok):
     assert [(p.kind, p.line) for p in r.problems] == [("template_mismatch", 2)]
 
 
-def test_video_audit_checks_the_worst_case_frame_count(tmp_path, tok):
-    write_mp4(tmp_path / "v.mp4")
+def test_video_audit_checks_the_worst_case_frame_count(tmp_path, tok, write_video):
+    write_video(tmp_path / "v.mp4", [np.full((32, 32, 3), i * 8, np.uint8) for i in range(30)])
     (tmp_path / "bad.mp4").write_bytes(b"\x00" * 500)
     f = write(tmp_path, [{"video": "v.mp4", "conversations": [Q, A]}, {"video": "bad.mp4", "conversations": [Q, A]},
                          {"video": "nope.mp4", "conversations": [Q, A]}])

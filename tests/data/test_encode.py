@@ -340,22 +340,12 @@ def test_modes_other_than_rgb_are_converted(tmp_path, tok):
 # ------------------------------------------------------------------------------------------------ video
 
 
-def write_mp4(path: Path, n: int = 40, fps: int = 10) -> Path:
-    av = pytest.importorskip("av")
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("mpeg4", rate=fps)
-        s.width, s.height, s.pix_fmt = 48, 32, "yuv420p"
-        for i in range(n):
-            frame = np.full((32, 48, 3), (i * 6) % 256, np.uint8)
-            for p in s.encode(__import__("av").VideoFrame.from_ndarray(frame, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return path
+def clip_frames(n: int = 40):
+    return [np.full((32, 48, 3), (i * 6) % 256, np.uint8) for i in range(n)]
 
 
-def test_video_end_to_end(tmp_path, tok):
-    write_mp4(tmp_path / "clip.mp4")
+def test_video_end_to_end(tmp_path, tok, write_video):
+    write_video(tmp_path / "clip.mp4", clip_frames())
     rec = record({"video": "clip.mp4", "conversations": [q("What happens?"), A]}, tmp_path)
     s = settings(min_num_frames=3, max_num_frames=6)
     seen = set()
@@ -383,8 +373,8 @@ def test_video_end_to_end(tmp_path, tok):
     assert encode_record(rec, tok, mid, rng=random.Random(1)).input_ids == encode_record(rec, tok, mid, rng=random.Random(2)).input_ids
 
 
-def test_video_problems(tmp_path, tok):
-    write_mp4(tmp_path / "clip.mp4")
+def test_video_problems(tmp_path, tok, write_video):
+    write_video(tmp_path / "clip.mp4", clip_frames())
     (tmp_path / "garbage.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x01" * 300)
     cases = [({"video": "nope.mp4"}, "missing_video"), ({"video": "garbage.mp4"}, "unreadable_video"),
              ({"video": "clip.mp4", "clip": [10, 12]}, "bad_clip")]

@@ -42,24 +42,12 @@ def numbers(frames) -> list[int]:
     return [frame_number(f) for f in frames]
 
 
-def write_video(path, n=N_FRAMES, fps=FPS, codec="mpeg4"):
-    with av.open(str(path), "w") as c:
-        s = c.add_stream(codec, rate=fps)
-        s.width, s.height, s.pix_fmt = 8 * BITS, 16, "yuv420p"
-        s.options = {"qscale": "2"}
-        for i in range(n):
-            for p in s.encode(av.VideoFrame.from_ndarray(frame_array(i), format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return path
-
-
 @pytest.fixture(scope="module")
-def media(tmp_path_factory):
+def media(tmp_path_factory, write_video):
     d = tmp_path_factory.mktemp("media")
-    mp4 = write_video(d / "clip.mp4")
-    mkv = write_video(d / "clip.mkv")
+    frames = [frame_array(i) for i in range(N_FRAMES)]
+    mp4 = write_video(d / "clip.mp4", frames, fps=FPS, options={"qscale": "2"})
+    mkv = write_video(d / "clip.mkv", frames, fps=FPS, options={"qscale": "2"})
     folder = d / "frames"
     folder.mkdir()
     for i in range(12):  # frame_1 .. frame_12: lexicographic order would put frame_10 before frame_2
