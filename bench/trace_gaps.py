@@ -2,10 +2,12 @@
 Python code that launched the kernel after each gap.
 
     python bench/trace_gaps.py OUT/trace.json.gz [--kernel SUBSTRING]
+    python bench/trace_gaps.py OUT/timeline.json.gz      # a CUDA-only trace (train_step_bench --timeline)
 
 Prints GPU busy vs wall time over the traced step, then the idle time by the innermost frame of our code
 (internvl_lora), transformers, peft, liger or torch that was running when the late kernel was launched.
---kernel prints the Python stacks that launched kernels whose name contains SUBSTRING.
+--kernel prints the Python stacks that launched kernels whose name contains SUBSTRING. A trace without
+host events (CUDA only: the host ran at full speed) names the kernels before and after each gap instead.
 """
 from __future__ import annotations
 
@@ -75,6 +77,21 @@ def main():
     wall = t1 - t0
     print(f"window {wall / 1e3:.1f} ms, GPU busy {busy / 1e3:.1f} ms ({100 * busy / wall:.0f} %), "
           f"idle {(wall - busy) / 1e3:.1f} ms in {len(gaps)} gaps")
+    if not launches:  # CUDA-only trace: the kernels on either side of each gap
+        prev = {id(b): a for a, b in zip(gpu, gpu[1:])}
+        by = collections.Counter()
+        count = collections.Counter()
+        for gap, e in gaps:
+            if gap < a.min_gap_us:
+                by["(gaps below %g us)" % a.min_gap_us] += gap
+                continue
+            before = prev.get(id(e), {}).get("name", "?")[:60]
+            key = f"{before}  ->  {e['name'][:60]}"
+            by[key] += gap
+            count[key] += 1
+        for where, us in by.most_common(a.top):
+            print(f"{us / 1e3:8.1f} ms  x{count[where]:<4d} {where}")
+        return
     by = collections.Counter()
     for gap, e in gaps:
         if gap < a.min_gap_us:

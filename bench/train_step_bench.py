@@ -173,7 +173,7 @@ def timed_trainer(phases: Phases, timer):
 
 
 def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropout=0.05, fused=True, compile=False,
-        budget=0, profile=False, chunked=True, phases=False, accum=1):
+        budget=0, profile=False, chunked=True, phases=False, accum=1, timeline=0, sync_debug=False, max_grad_norm=1.0):
     """ckpt: share of the LLM decoder layers recomputed (0 = no activation checkpointing, 1 = all)."""
     torch.manual_seed(0)
     vit = VIT_TINY if size == "tiny" else {}
@@ -212,11 +212,13 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
         activation_checkpointing_kwargs={"use_reentrant": False} if ckpt else None,
         logging_steps=10**6, save_strategy="no", report_to=[], disable_tqdm=True, remove_unused_columns=False,
         train_sampling_strategy="sequential", dataloader_num_workers=2 if cuda else 0, dataloader_pin_memory=cuda, seed=0,
-        data_seed=0,
+        data_seed=0, max_grad_norm=max_grad_norm,
     )
     stats = StepStats()
     timer = Timer(warmup)
     callbacks = [timer] + ([Profile(warmup, out_dir)] if profile and cuda else [])
+    if (timeline or sync_debug) and cuda:
+        callbacks.append(Timeline(warmup, out_dir, timeline or 1, sync_debug))
     collator = PackedCollator() if packed else PadCollator(0)
     ph = Phases() if phases else None
     trainer_cls = InternVLTrainer
@@ -242,10 +244,46 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
     flops = sum(model_flops(cfg, g) for g in timed)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     return dict(size=size, mode=mode, bs=bs, token_budget=budget, grad_ckpt=ckpt, liger=liger, fused_lora=fused,
-                compile=compile, chunked_loss=chunked, grad_accum=accum, lora_dropout=dropout, steps=len(timed), options=done,
+                compile=compile, chunked_loss=chunked, grad_accum=accum, lora_dropout=dropout, max_grad_norm=max_grad_norm, steps=len(timed), options=done,
                 real_tokens_per_s=round(real / dt), samples_per_s=round(sum(len(g) for g in timed) / dt, 2),
                 model_tflops=round(flops / dt / 1e12, 1), pct_of_peak=round(100 * flops / dt / 1e12 / PEAK_TFLOPS, 1),
                 peak_gib=round(peak, 1), **extra)
+
+class Timeline(TrainerCallback):
+    """CUDA-only torch.profiler over `steps` steps after the warm-up (no CPU events, no Python stacks, so
+    the host is not slowed down): writes OUT_DIR/timeline.json.gz for bench/trace_gaps.py, which then
+    reports the GPU busy share of real steps and names the kernels around each idle gap. With
+    `sync_debug`, torch warns (with the call site) at every host-device synchronization of one step."""
+
+    def __init__(self, warmup, out_dir, steps=4, sync_debug=False):
+        self.warmup, self.out_dir, self.steps, self.sync_debug, self.prof = warmup, out_dir, steps, sync_debug, None
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step == self.warmup + 1 and self.prof is None:
+            from torch.profiler import ProfilerActivity, profile
+
+            torch.cuda.synchronize()
+            self.prof = profile(activities=[ProfilerActivity.CUDA])
+            self.prof.__enter__()
+        if self.sync_debug and state.global_step == self.warmup + self.steps + 1:
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.prof is not None and state.global_step == self.warmup + self.steps:
+            import gzip
+            import shutil
+
+            torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            out = Path(self.out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            self.prof.export_chrome_trace(str(out / "timeline.json"))
+            with open(out / "timeline.json", "rb") as f, gzip.open(out / "timeline.json.gz", "wb") as g:
+                shutil.copyfileobj(f, g)
+            (out / "timeline.json").unlink()
+            self.prof = None
+        if self.sync_debug and state.global_step == self.warmup + self.steps + 1:
+            torch.cuda.set_sync_debug_mode(0)
 
 
 if __name__ == "__main__":
@@ -264,6 +302,9 @@ if __name__ == "__main__":
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of two steps (first configuration)")
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (with --budget)")
     ap.add_argument("--phases", action="store_true", help="time the phases of a step (synchronizing after each)")
+    ap.add_argument("--timeline", type=int, default=0, help="CUDA-only trace of this many steps (first configuration)")
+    ap.add_argument("--sync-debug", action="store_true", help="warn at each host-device sync of one step (first configuration)")
+    ap.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     ap.add_argument("--out", default="/tmp/bench_run")
     ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (the recipe's 0.05)")
     a = ap.parse_args()
@@ -274,7 +315,9 @@ if __name__ == "__main__":
     for k, (s, m, c, lg, f, cp, b, ch) in enumerate(grid):
         try:
             r = run(s, m, a.bs, a.steps, a.max_tiles, c, bool(lg), a.out, dropout=a.dropout, fused=bool(f),
-                    compile=bool(cp), budget=b, profile=a.profile and k == 0, chunked=bool(ch), phases=a.phases, accum=a.accum)
+                    compile=bool(cp), budget=b, profile=a.profile and k == 0, chunked=bool(ch), phases=a.phases, accum=a.accum,
+                    timeline=a.timeline if k == 0 else 0, sync_debug=a.sync_debug and k == 0,
+                    max_grad_norm=a.max_grad_norm)
         except Exception as e:  # one failing configuration must not hide the others
             r = dict(size=s, mode=m, grad_ckpt=c, liger=lg, fused_lora=f, compile=cp, token_budget=b, chunked_loss=ch,
                      error=repr(e)[:600])

@@ -458,6 +458,29 @@ def test_chunked_linear_cross_entropy_equals_full_logits(weighted):
     assert h.grad[3].abs().sum() == 0  # an ignored position gets no gradient
 
 
+def test_chunked_cross_entropy_computes_in_the_output_layers_dtype():
+    """The Trainer's mixed precision hands the loss float32 hidden states (accelerate converts a model's
+    outputs to float32) outside autocast, with a bfloat16 output layer: the chunks are computed in bfloat16
+    as the layer itself would, not in float32 on a float32 copy of the weight (slow and 2 GiB at 8B)."""
+    from internvl_lora.fast import _ChunkedLinearCrossEntropy
+
+    torch.manual_seed(0)
+    hb = torch.randn(23, 32).bfloat16()
+    w = torch.randn(70, 32).bfloat16()
+    t = torch.randint(0, 70, (23,))
+    h = hb.float().requires_grad_(True)  # bf16 values, widened to float32 like accelerate's outputs
+    loss = _ChunkedLinearCrossEntropy.apply(h, w, t, None, 70 * 8)
+    loss.backward()
+    assert h.grad.dtype == torch.float32
+    hr = hb.clone().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy((hr @ w.t()).float(), t, reduction="sum")
+    ref.backward()
+    assert torch.allclose(loss, ref, rtol=1e-6, atol=1e-6), (loss, ref)
+    assert torch.allclose(h.grad, hr.grad.float(), rtol=1e-2, atol=1e-2)
+    full = torch.nn.functional.cross_entropy(h.detach() @ w.float().t(), t, reduction="sum")
+    assert not torch.allclose(loss, full, rtol=1e-6, atol=1e-6)  # float32 logits would give another number
+
+
 @pytest.mark.parametrize("reduction", ["token", "square"])
 def test_chunked_loss_equals_logits_loss_on_the_model(setup, reduction):
     """trained_positions_loss with the output layer deferred (train.chunked_loss) gives the loss and the

@@ -233,7 +233,7 @@ def _deferred_head(model):
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum_i w_i * CE(h_i W^T, t_i) without the (positions x vocab) logits: chunks of positions at a time.
 
-    Each chunk's logits are formed in the hidden states' dtype (as the output layer would under autocast),
+    Each chunk's logits are formed in the output layer's dtype (autocast's, or the weight's),
     turned into float32 log-probabilities, and their gradient with respect to the hidden states (and to
     W, when it is trained) is computed right there; the backward only scales the stored gradients. Peak
     extra memory: a few float32 buffers of `chunk x vocab`. Targets equal to IGNORE_INDEX contribute 0.
@@ -242,7 +242,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, weights, chunk_elements: int = 2**25):
         dev = hidden.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+        # The output layer's compute dtype: autocast's, or else the weight's. The hidden states may arrive
+        # in float32 only because the Trainer's mixed precision (accelerate) converts a model's outputs to
+        # float32 and the loss runs outside its autocast; computing in float32 then would copy the weight
+        # to float32 (2 GiB at a 150k vocabulary) and run slow non-tensor-core matmuls.
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
         ctx.hidden_dtype = hidden.dtype
         hidden = hidden.to(dtype)
         w = weight.to(dtype)
