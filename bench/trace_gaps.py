@@ -77,7 +77,7 @@ def main():
     wall = t1 - t0
     print(f"window {wall / 1e3:.1f} ms, GPU busy {busy / 1e3:.1f} ms ({100 * busy / wall:.0f} %), "
           f"idle {(wall - busy) / 1e3:.1f} ms in {len(gaps)} gaps")
-    if not launches:  # CUDA-only trace: the kernels on either side of each gap
+    if not index:  # CUDA-only trace (no Python frames): the kernels on either side of each gap
         prev = {id(b): a for a, b in zip(gpu, gpu[1:])}
         by = collections.Counter()
         count = collections.Counter()

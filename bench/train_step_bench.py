@@ -21,6 +21,7 @@ Prints one JSON line per configuration.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -32,17 +33,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from transformers import InternVLConfig, InternVLForConditionalGeneration, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import InternVLConfig, InternVLForConditionalGeneration, TrainerCallback  # noqa: E402
+from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
-from internvl_lora.callbacks import StepStats  # noqa: E402
+from internvl_lora.callbacks import LogLine, StepStats, Watchdog  # noqa: E402
 # The baseline's shapes, sample draws and FLOP formula, imported so both sides use the very same ones.
 from naive_lora_step import IMG_TOKEN, LLM, model_flops, samples  # noqa: E402
-from internvl_lora.config import PolicyArgs, TrainArgs  # noqa: E402
+from internvl_lora.config import DataArgs, PolicyArgs, RunConfig, TrainArgs  # noqa: E402
 from internvl_lora.data.batching import TokenBudgetBatchSampler  # noqa: E402
 from internvl_lora.data.dataset import PadCollator  # noqa: E402
 from internvl_lora.fast import PackedCollator, register_varlen_attention  # noqa: E402
 from internvl_lora.lora import apply_policy  # noqa: E402
-from internvl_lora.train import InternVLTrainer, _CheckpointShare, speed_options  # noqa: E402
+from internvl_lora.train import InternVLTrainer, _CheckpointShare, speed_options, training_arguments  # noqa: E402
 
 VIT_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=448, patch_size=14)
 PEAK_TFLOPS = 790.0
@@ -206,17 +208,21 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
         if accum != 1:
             raise ValueError("--accum needs a token budget")
         timed, total_steps = groups[warmup:], steps + warmup
-    args = TrainingArguments(
-        output_dir=out_dir, per_device_train_batch_size=bs, gradient_accumulation_steps=accum, learning_rate=4e-5,
-        max_steps=total_steps, bf16=cuda, use_cpu=not cuda, activation_checkpointing=ckpt > 0,
-        activation_checkpointing_kwargs={"use_reentrant": False} if ckpt else None,
-        logging_steps=10**6, save_strategy="no", report_to=[], disable_tqdm=True, remove_unused_columns=False,
-        train_sampling_strategy="sequential", dataloader_num_workers=2 if cuda else 0, dataloader_pin_memory=cuda, seed=0,
-        data_seed=0, max_grad_norm=max_grad_norm,
-    )
+    # The training command's own TrainingArguments (train.training_arguments), from the same TrainArgs
+    # the recipe uses; only what a benchmark needs differs (fixed step count, no saving or reporting).
+    run_cfg = RunConfig(data=DataArgs(num_workers=2 if cuda else 0), train=dataclasses.replace(
+        t, per_device_batch_size=bs, grad_accum=accum, lr=4e-5, max_steps=total_steps, seed=0,
+        gradient_checkpointing=ckpt > 0, max_grad_norm=max_grad_norm, logging_steps=10, save_steps=10**6,
+        report_to=[], warmup_ratio=0.03))
+    args = training_arguments(run_cfg, Path(out_dir), torch.bfloat16 if cuda else torch.float32, has_eval=False)
+    args.train_sampling_strategy = "sequential"  # the timed samples are known in order (token budgets: ours)
+    if ckpt:
+        args.activation_checkpointing_kwargs = {"use_reentrant": False}
     stats = StepStats()
     timer = Timer(warmup)
-    callbacks = [timer] + ([Profile(warmup, out_dir)] if profile and cuda else [])
+    # The training command's callbacks: the log line (every 10 steps, to stderr) and the watchdog.
+    log = LogLine(stats, Path(out_dir), print_fn=lambda *x: print(*x, file=sys.stderr))
+    callbacks = [timer, log, Watchdog(stats, model)] + ([Profile(warmup, out_dir)] if profile and cuda else [])
     if (timeline or sync_debug) and cuda:
         callbacks.append(Timeline(warmup, out_dir, timeline or 1, sync_debug))
     collator = PackedCollator() if packed else PadCollator(0)
@@ -230,6 +236,7 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
     trainer = trainer_cls(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=callbacks,
                               stats=stats, lengths=lengths, fast_loss=mode in ("packed", "padded-fast"),
                               token_budget=budget)
+    trainer.remove_callback(PrinterCallback)  # as the training command: the log line prints instead
     if ckpt and ckpt < 1:
         trainer.add_callback(_CheckpointShare(model, ckpt))
     trainer.train()

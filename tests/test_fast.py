@@ -561,3 +561,52 @@ def test_chunked_loss_on_cuda_in_bf16_matches_logits_loss(setup):
     (l0, g0), (l1, g1) = results
     assert abs(l0 - l1) <= 1e-2 * abs(l0), (l0, l1)
     assert torch.nn.functional.cosine_similarity(g0, g1, dim=0) > 0.99
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_host_side_counts_and_positions_equal_what_the_step_would_read_from_the_batch(setup, packed):
+    """HostSide adds, on the host, the trained positions and the counts the step would otherwise read back
+    from the GPU: the loss with them equals the loss without them (packed and padded batches), the step
+    statistics are the same, and the trainer hands neither key to the model on its other paths."""
+    from internvl_lora.callbacks import StepStats
+    from internvl_lora.fast import HostSide
+
+    d, tok, items = setup
+    inner = PackedCollator() if packed else PadCollator(tok.pad_token_id)
+    plain, host = inner(items[:5]), HostSide(inner)(items[:5])
+    labels = plain["labels"]
+    expected = [p for p in range(labels.shape[1] - 1) if (labels[:, p + 1] != -100).any()]
+    assert host["trained_positions"].tolist() == expected
+    counts = host["batch_counts"]
+    assert counts["trained"] == int((labels[:, 1:] != -100).sum()) > 0
+    assert counts["tiles"] == plain["pixel_values"].shape[0]
+    assert counts["tokens"] == (labels.numel() if packed else int(plain["attention_mask"].sum()))
+    a, b = StepStats(), StepStats()
+    a.add(plain)
+    b.add(host)
+    assert (a.tokens, a.trained, a.tiles) == (b.tokens, b.trained, b.tiles)
+
+    model = load_model(d / "model")
+    model.train()
+    if packed:
+        model.set_attn_implementation({"text_config": register_varlen_attention()})
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.eval()  # no dropout: both calls see the same numbers
+        l0 = trained_positions_loss(model, plain, None)
+        l1 = trained_positions_loss(model, host, None)
+    assert torch.equal(l0, l1)
+
+    from transformers import TrainingArguments
+
+    from internvl_lora.train import InternVLTrainer
+
+    trainer = InternVLTrainer(model=model, args=TrainingArguments(output_dir=str(d / "t"), use_cpu=True, report_to=[]),
+                              data_collator=inner, stats=StepStats(), fast_loss=False)
+    assert isinstance(trainer.data_collator, HostSide)
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(set(kw)), with_kwargs=True)
+    with torch.no_grad():  # the stock loss path (evaluation, unpacked training) calls the model with **inputs
+        loss = trainer.compute_loss(model, trainer.data_collator(items[:5]))
+    assert torch.isfinite(loss)
+    assert seen and not seen[0] & {"trained_positions", "batch_counts"}, seen

@@ -235,3 +235,48 @@ def test_resume_refuses_another_policy_and_warns_on_reuse(demo, tmp_path, capsys
     with pytest.raises(UserError):
         train(cfg)
     assert "already holds 1 checkpoint(s) of an earlier run" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_steps_do_not_wait_for_the_gpu(demo, tmp_path, monkeypatch):
+    """Over optimizer steps 2 and 3 of a real run (packed, chunked loss, watchdog on, CUDA), no host-device
+    synchronization comes from our code, the Trainer or accelerate -- each would leave the GPU idle while
+    the host prepares the next work. The model's own forward (transformers' image-token count check and
+    packed-sequence detection) still synchronizes; those are what the probe must see to be working."""
+    import traceback
+    import warnings
+
+    import internvl_lora.train as tr
+
+    syncs = []
+
+    class Probe(tr.Watchdog):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 1:
+                torch.cuda.set_sync_debug_mode("warn")
+            elif state.global_step == 3:
+                torch.cuda.set_sync_debug_mode(0)
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" in str(message):
+            syncs.append(traceback.extract_stack()[:-1])
+
+    monkeypatch.setattr(tr, "Watchdog", Probe)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            monkeypatch.setattr(warnings, "showwarning", record)
+            tr.train(config(demo, tmp_path / "run", "train.max_steps=5", "data.packing=true", "train.logging_steps=100",
+                            "train.save_steps=100"))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+    def caller(stack):  # the innermost frame outside torch and warnings
+        return next(f for f in reversed(stack) if "/torch/" not in f.filename and "warnings" not in f.filename)
+
+    callers = [caller(s) for s in syncs]
+    assert any("transformers/models/" in f.filename for f in callers), callers  # the probe sees syncs
+    ours = [f"{f.filename}:{f.lineno} {f.line}" for f in callers
+            if any(k in f.filename for k in ("internvl_lora", "transformers/trainer", "accelerate/"))]
+    assert not ours, ours

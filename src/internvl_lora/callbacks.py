@@ -16,6 +16,7 @@ import torch
 from transformers import TrainerCallback
 
 from .errors import UserError
+from .fast import batch_counts
 
 
 def _dist_ready() -> bool:
@@ -49,24 +50,45 @@ class StepStats:
         self.tiles = 0
         self.empty_batches = 0
         self.step_empty = 0
-        self.step_losses: list[torch.Tensor] = []
+        self.step_losses: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
         self.global_tokens = self.global_trained = self.global_tiles = 0
 
     def add(self, inputs: dict) -> None:
-        labels = inputs.get("labels")
-        mask = inputs.get("attention_mask")
-        self.tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
-        # The loss shifts labels: position 0 of a row is never a prediction target.
-        trained = int((labels[..., 1:] != -100).sum()) if labels is not None else 0
-        self.trained += trained
-        if trained == 0:
+        """Count a micro-batch: from its `batch_counts` (worked out on the host by `fast.HostSide`), or
+        else from its tensors (which waits for the GPU when they live there)."""
+        counts = inputs.get("batch_counts") or batch_counts(inputs)
+        self.tokens += counts["tokens"]
+        self.trained += counts["trained"]
+        if counts["trained"] == 0:
             self.empty_batches += 1
             self.step_empty += 1
-        pv = inputs.get("pixel_values")
-        self.tiles += int(pv.shape[0]) if pv is not None else 0
+        self.tiles += counts["tiles"]
 
     def add_loss(self, loss: torch.Tensor) -> None:
-        self.step_losses.append(loss.detach().float().reshape(-1)[:1])
+        """Keep a micro-batch's loss for the watchdog. On a GPU it is copied to pinned host memory as soon
+        as the forward has computed it, and an event marks that point: reading it at the end of the step
+        then waits for that forward only, not for the backward and optimizer queued behind it."""
+        value = loss.detach().float().reshape(-1)[:1]
+        if value.is_cuda:
+            host = torch.empty(1, dtype=torch.float32, pin_memory=True)
+            host.copy_(value, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self.step_losses.append((host, done))
+        else:
+            self.step_losses.append((value, None))
+
+    def losses(self) -> list[float]:
+        """The losses kept since the last `clear_step`, as floats."""
+        out = []
+        for value, done in self.step_losses:
+            if done is not None:
+                done.synchronize()
+            out.append(float(value))
+        return out
+
+    def clear_step(self) -> None:
+        self.step_losses, self.step_empty = [], 0
 
     def sync(self) -> None:
         self.global_tokens, self.global_trained, self.global_tiles = (
@@ -277,11 +299,11 @@ class Watchdog(TrainerCallback):
         self.checked_lora = state.global_step >= self.lora_check_step or not self.lora_starts_zero
 
     def on_step_end(self, args, state, control, model=None, **kw):
-        losses = self.stats.step_losses
-        nonfinite = float(any(not torch.isfinite(x).all() for x in losses)) if losses else 0.0
+        losses = self.stats.losses()
+        nonfinite = float(any(not math.isfinite(x) for x in losses))
         empty, nonfinite = all_reduce([float(self.stats.step_empty), nonfinite], "sum")
-        bad_loss = next((float(x) for x in losses if not torch.isfinite(x).all()), float("nan"))
-        self.stats.step_losses, self.stats.step_empty = [], 0
+        bad_loss = next((x for x in losses if not math.isfinite(x)), float("nan"))
+        self.stats.clear_step()
         if empty:
             self._stop(control, f"{int(empty)} micro-batch(es) of optimizer step {state.global_step} had no trained "
                                 "token (every label is -100): the loss is 0 or NaN and nothing is learned. Check "

@@ -6,6 +6,8 @@
   `AttentionInterface`: it attends within each packed sample only — torch's flash-based
   `varlen_attn` on a GPU, a per-sample SDPA loop elsewhere (the same numbers, slower). A batch without
   sample boundaries (evaluation, generation, padded batches) goes to SDPA with its padding mask.
+- `HostSide` (around the collator) works out on the host what the step would otherwise read back from
+  the GPU (the trained positions, token counts), so the host never waits for the GPU mid-step.
 - `trained_positions_loss` asks the model for logits only where a label is trained (the answers), via
   the public `logits_to_keep` argument, instead of materializing (tokens x vocab) logits for the whole
   sequence; the loss is the token sum over those positions divided by the number of trained tokens in
@@ -123,6 +125,44 @@ class PackedCollator:
         return batch
 
 
+HOST_SIDE_KEYS = ("trained_positions", "batch_counts")
+
+
+def batch_counts(batch: dict) -> dict:
+    """Tokens, trained tokens (labels past position 0 of a row, as the loss shifts them) and image tiles
+    of a micro-batch, as Python ints."""
+    labels = batch.get("labels")
+    mask = batch.get("attention_mask")
+    return {
+        "tokens": int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()),
+        "trained": int((labels[..., 1:] != IGNORE_INDEX).sum()) if labels is not None else 0,
+        "tiles": int(batch["pixel_values"].shape[0]) if batch.get("pixel_values") is not None else 0,
+    }
+
+
+def trained_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions (columns) whose next token is trained in some row: where the loss needs logits."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+
+
+class HostSide:
+    """Wraps a collator: adds what the training step needs to know about a micro-batch, computed on the
+    host before the batch goes to the GPU -- `trained_positions` for `trained_positions_loss` and
+    `batch_counts` for the step statistics. Read from the GPU instead, each would stop the host until
+    the GPU has caught up with everything queued (a synchronization), every micro-batch, leaving the GPU
+    idle while the host prepares the next work. Both keys are removed before the model is called."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = self.inner(features)
+        if "labels" in batch:
+            batch["trained_positions"] = trained_positions(batch["labels"])
+        batch["batch_counts"] = batch_counts(batch)
+        return batch
+
+
 def loss_weights(labels: torch.Tensor, cu_seq_lens: torch.Tensor | None = None, reduction: str = "token") -> torch.Tensor:
     """Per-token loss weights, same shape as `labels` (0 where a label is not trained).
 
@@ -156,9 +196,13 @@ def trained_positions_loss(model, inputs: dict, num_items_in_batch=None, reducti
     """
     inputs = dict(inputs)
     labels = inputs.pop("labels")
+    keep = inputs.pop("trained_positions", None)  # computed on the host by `HostSide`: no sync here
+    inputs.pop("batch_counts", None)
+    if keep is None:
+        keep = trained_positions(labels)
+    keep = keep.to(labels.device)
     shifted = torch.full_like(labels, IGNORE_INDEX)
     shifted[:, :-1] = labels[:, 1:]
-    keep = (shifted != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
     if keep.numel() == 0:
         # No trained token: a zero that still depends on the parameters, so every rank joins the backward.
         out = model(**inputs, use_cache=False, logits_to_keep=torch.zeros(1, dtype=torch.long, device=labels.device))

@@ -38,8 +38,8 @@ from .data.audit import audit, format_report
 from .data.batching import TokenBudgetBatchSampler
 from .data.dataset import PadCollator, SupervisedDataset
 from .fast import (
-    PackedCollator, apply_liger, checkpoint_some_layers, chunk_output_layer, compile_layers, fuse_lora_layers,
-    loss_weights, register_varlen_attention, trained_positions_loss,
+    HOST_SIDE_KEYS, HostSide, PackedCollator, apply_liger, checkpoint_some_layers, chunk_output_layer,
+    compile_layers, fuse_lora_layers, loss_weights, register_varlen_attention, trained_positions_loss,
 )
 from .data.encode import EncodeSettings
 from .data.records import load_meta
@@ -325,6 +325,8 @@ class InternVLTrainer(Trainer):
     def __init__(self, *args, stats: StepStats, lengths: list[int] | None = None, fast_loss: bool = False,
                  loss_reduction: str = "token", token_budget: int = 0, **kw):
         super().__init__(*args, **kw)
+        if self.data_collator is not None and not isinstance(self.data_collator, HostSide):
+            self.data_collator = HostSide(self.data_collator)  # counts and trained positions, on the host
         self.stats, self.lengths, self.loss_reduction = stats, lengths, loss_reduction
         self.token_budget = token_budget  # > 0: micro-batches of up to this many tokens (`get_train_dataloader`)
         self.fast_loss = fast_loss or loss_reduction != "token"
@@ -336,6 +338,8 @@ class InternVLTrainer(Trainer):
         training = model.training
         if training:
             self.stats.add(inputs)
+        if not (training and self.fast_loss):  # what HostSide added is not for the model
+            inputs = {k: v for k, v in inputs.items() if k not in HOST_SIDE_KEYS}
         if training and self.fast_loss:  # logits only where a label is trained (fast.trained_positions_loss)
             loss, outputs = trained_positions_loss(model, inputs, num_items_in_batch, self.loss_reduction), None
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -483,6 +487,9 @@ def training_arguments(cfg: RunConfig, out: Path, dtype: torch.dtype, has_eval: 
         deepspeed=t.deepspeed, fsdp=bool(t.fsdp) or None, fsdp_config=fsdp_config if t.fsdp else None,
         report_to=list(t.report_to) or "none",
         dataloader_num_workers=cfg.data.num_workers, dataloader_pin_memory=torch.cuda.is_available(),
+        # Pinned batches copied without blocking: a blocking copy would make the host wait for all the GPU
+        # work queued before it (the previous step) before it could queue the next.
+        accelerator_config={"non_blocking": torch.cuda.is_available()},
         remove_unused_columns=False, disable_tqdm=True,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         ddp_find_unused_parameters=False,
