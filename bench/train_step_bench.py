@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from transformers import InternVLConfig, InternVLForConditionalGeneration, TrainerCallback  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
+from transformers.trainer_utils import SaveStrategy  # noqa: E402
 
 from internvl_lora.callbacks import LogLine, StepStats, Watchdog  # noqa: E402
 # The baseline's shapes, sample draws and FLOP formula, imported so both sides use the very same ones.
@@ -216,6 +217,7 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
         report_to=[], warmup_ratio=0.03))
     args = training_arguments(run_cfg, Path(out_dir), torch.bfloat16 if cuda else torch.float32, has_eval=False)
     args.train_sampling_strategy = "sequential"  # the timed samples are known in order (token budgets: ours)
+    args.save_strategy = SaveStrategy.NO  # the Trainer would otherwise save at the last step, inside the timing
     if ckpt:
         args.activation_checkpointing_kwargs = {"use_reentrant": False}
     stats = StepStats()
