@@ -12,6 +12,11 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not kernels.available(), reason="needs triton and a CUDA device")]
 
 
+def close(x, ref, frac=1e-2):
+    """Equal up to `frac` of the reference's largest magnitude (bf16 rounding of large partial sums)."""
+    return (x.float() - ref.float()).abs().max().item() <= frac * ref.float().abs().max().item()
+
+
 def test_keep_mask_is_bernoulli_per_element_and_seeded():
     m = kernels.dropout_keep_mask(1000, 3584, 1234, 0.05, "cuda")
     assert m.shape == (1000, 3584) and m.dtype == torch.bool
@@ -33,14 +38,11 @@ def test_kernels_equal_the_formula_with_their_mask(t, k, r):
     gh = torch.randn(t, r, device="cuda", dtype=bf)
     gx = torch.randn(t, k, device="cuda", dtype=bf)
     keep = kernels.dropout_keep_mask(t, k, seed, p, "cuda")
-    dropped = x.float() * keep / (1 - p)
-    h = kernels.lora_a_forward(x, a, seed, p)
-    assert torch.allclose(h, dropped @ a.float().t(), rtol=1e-2, atol=1e-2 * k**0.5 / 10)
-    ga = kernels.lora_a_grad(gh, x, seed, p)
-    assert torch.allclose(ga, gh.float().t() @ dropped, rtol=1e-2, atol=1e-2 * t**0.5)
-    ref = gx.float() + (gh.float() @ a.float()) * keep / (1 - p)
-    out = kernels.add_lora_input_grad_(gx.clone(), gh, a, seed, p)
-    assert torch.allclose(out.float(), ref, rtol=2e-2, atol=2e-2)
+    dropped = x.float() * keep * kernels.keep_scale(p)
+    assert close(kernels.lora_a_forward(x, a, seed, p), dropped @ a.float().t(), 1e-3)
+    assert close(kernels.lora_a_grad(gh, x, seed, p), gh.float().t() @ dropped, 1e-3)
+    ref = gx.float() + (gh.float() @ a.float()) * keep * kernels.keep_scale(p)
+    assert close(kernels.add_lora_input_grad_(gx.clone(), gh, a, seed, p), ref)
 
 
 def test_fused_lora_layer_on_the_triton_path_equals_the_formula(monkeypatch):
@@ -63,13 +65,13 @@ def test_fused_lora_layer_on_the_triton_path_equals_the_formula(monkeypatch):
     # the reference follows the layer's dtypes: bf16 operands, float32 accumulation, bf16 products
     x2, g2 = x.detach().reshape(-1, 512).float(), g.reshape(-1, 256)
     a16, b16 = a.detach().to(bf), b.detach().to(bf)
-    dropped = x2 * keep / 0.9
+    dropped = x2 * keep * kernels.keep_scale(0.1)
     h = (dropped @ a16.float().t() * 2.0).to(bf)
     ref = torch.nn.functional.linear(x.detach().reshape(-1, 512), base, bias).float() + h.float() @ b16.float().t()
-    assert torch.allclose(y.reshape(-1, 256).float(), ref, rtol=2e-2, atol=5e-2)
+    assert close(y.reshape(-1, 256), ref)
     gh = (g2 @ b16) * 2.0
-    gx = (g2 @ base).float() + (gh.float() @ a16.float()) * keep / 0.9
-    assert torch.allclose(x.grad.reshape(-1, 512).float(), gx, rtol=2e-2, atol=5e-2)
-    assert torch.allclose(a.grad, gh.float().t() @ dropped, rtol=1e-3, atol=1e-2)
-    assert torch.allclose(b.grad, g2.float().t() @ h.float(), rtol=1e-2, atol=0.5)
+    gx = (g2 @ base).float() + (gh.float() @ a16.float()) * keep * kernels.keep_scale(0.1)
+    assert close(x.grad.reshape(-1, 512), gx)
+    assert close(a.grad, gh.float().t() @ dropped, 1e-3)
+    assert close(b.grad, g2.float().t() @ h.float())
     assert 0.88 < keep.float().mean().item() < 0.92

@@ -267,7 +267,8 @@ def test_training_steps_do_not_wait_for_the_gpu(demo, tmp_path, monkeypatch):
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             monkeypatch.setattr(warnings, "showwarning", record)
-            tr.train(config(demo, tmp_path / "run", "train.max_steps=5", "data.packing=true", "train.logging_steps=100",
+            tr.train(config(demo, tmp_path / "run", "train.max_steps=5", "data.packing=true", "model.dtype=bfloat16",
+                            "train.logging_steps=100",
                             "train.save_steps=100"))
     finally:
         torch.cuda.set_sync_debug_mode(0)

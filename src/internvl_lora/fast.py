@@ -421,7 +421,7 @@ class _LoraLinear(torch.autograd.Function):
         y = F.linear(x2, w, None if bias is None else bias.to(dtype))
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         state = mask = seed = None
-        if p > 0 and kernels.supported(x2, a) and not torch.cuda.is_current_stream_capturing():
+        if p > 0 and kernels.supported(x2, a) and not (x2.is_cuda and torch.cuda.is_current_stream_capturing()):
             # Triton: the mask is a function of (seed, element), never written out (internvl_lora.kernels)
             seed = kernels.new_seed()
             h = kernels.lora_a_forward(x2, a, seed, p).mul_(scale).to(dtype)

@@ -37,79 +37,24 @@ def new_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
+MASK_BLOCK = 128  # columns per mask block; every kernel tiles the columns by it, so all draw the same mask
+
+
+def threshold(p: float) -> int:
+    """p as a 16-bit threshold: an element is kept when its 16-bit random number is >= it."""
+    return min(65535, max(0, round(p * 65536)))
+
+
+def keep_scale(p: float) -> float:
+    """1 / keep probability of the 16-bit threshold (the dropout's rescaling, exactly unbiased)."""
+    return 65536.0 / (65536 - threshold(p))
+
+
 @functools.cache
 def _kernels():
-    import triton
-    import triton.language as tl
+    from . import _triton_kernels as k
 
-    @triton.jit
-    def keep_mask(seed, rows, cols, n_cols, p):
-        # one uniform number per element, from its flat index; kept when >= p
-        return tl.rand(seed, rows[:, None] * n_cols + cols[None, :]) >= p
-
-    @triton.jit
-    def forward_kernel(x_ptr, a_ptr, out_ptr, T, K, R, seed, p, inv_keep, stride_x, stride_a, k_per_split,
-                       BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
-        pid_m, pid_s = tl.program_id(0), tl.program_id(1)
-        rows = pid_m * BM + tl.arange(0, BM)
-        ranks = tl.arange(0, BR)
-        acc = tl.zeros((BM, BR), dtype=tl.float32)
-        k0 = pid_s * k_per_split
-        for k in range(k0, tl.minimum(k0 + k_per_split, K), BK):
-            cols = k + tl.arange(0, BK)
-            inside = (rows[:, None] < T) & (cols[None, :] < K)
-            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=inside, other=0.0)
-            x = tl.where(keep_mask(seed, rows, cols, K, p), x, tl.zeros_like(x))
-            a = tl.load(a_ptr + ranks[None, :] * stride_a + cols[:, None],
-                        mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0)  # (BK, BR) = A^T tile
-            acc += tl.dot(x, a)
-        acc *= inv_keep
-        tl.atomic_add(out_ptr + rows[:, None] * R + ranks[None, :], acc, mask=(rows[:, None] < T) & (ranks[None, :] < R))
-
-    @triton.jit
-    def grad_a_kernel(gh_ptr, x_ptr, out_ptr, T, K, R, seed, p, inv_keep, stride_x, t_per_split,
-                      BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
-        pid_k, pid_s = tl.program_id(0), tl.program_id(1)
-        cols = pid_k * BK + tl.arange(0, BK)
-        ranks = tl.arange(0, BR)
-        acc = tl.zeros((BR, BK), dtype=tl.float32)
-        t0 = pid_s * t_per_split
-        for t in range(t0, tl.minimum(t0 + t_per_split, T), BT):
-            rows = t + tl.arange(0, BT)
-            inside = (rows[:, None] < T) & (cols[None, :] < K)
-            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=inside, other=0.0)
-            x = tl.where(keep_mask(seed, rows, cols, K, p), x, tl.zeros_like(x))
-            g = tl.load(gh_ptr + rows[None, :] * R + ranks[:, None], mask=(rows[None, :] < T) & (ranks[:, None] < R),
-                        other=0.0)  # (BR, BT) = gh^T tile
-            acc += tl.dot(g, x)
-        acc *= inv_keep
-        tl.atomic_add(out_ptr + ranks[:, None] * K + cols[None, :], acc, mask=(ranks[:, None] < R) & (cols[None, :] < K))
-
-    @triton.jit
-    def grad_x_kernel(gx_ptr, gh_ptr, a_ptr, T, K, R, seed, p, inv_keep, stride_gx, stride_a,
-                      BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
-        pid_m, pid_k = tl.program_id(0), tl.program_id(1)
-        rows = pid_m * BM + tl.arange(0, BM)
-        cols = pid_k * BK + tl.arange(0, BK)
-        ranks = tl.arange(0, BR)
-        g = tl.load(gh_ptr + rows[:, None] * R + ranks[None, :], mask=(rows[:, None] < T) & (ranks[None, :] < R), other=0.0)
-        a = tl.load(a_ptr + ranks[:, None] * stride_a + cols[None, :], mask=(ranks[:, None] < R) & (cols[None, :] < K),
-                    other=0.0)
-        lora = tl.dot(g, a) * inv_keep  # (BM, BK)
-        lora = tl.where(keep_mask(seed, rows, cols, K, p), lora, 0.0)
-        inside = (rows[:, None] < T) & (cols[None, :] < K)
-        ptrs = gx_ptr + rows[:, None] * stride_gx + cols[None, :]
-        gx = tl.load(ptrs, mask=inside, other=0.0)
-        tl.store(ptrs, (gx.to(tl.float32) + lora).to(gx.dtype), mask=inside)
-
-    @triton.jit
-    def mask_kernel(out_ptr, T, K, seed, p, BM: tl.constexpr, BK: tl.constexpr):
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        cols = tl.program_id(1) * BK + tl.arange(0, BK)
-        keep = keep_mask(seed, rows, cols, K, p)
-        tl.store(out_ptr + rows[:, None] * K + cols[None, :], keep.to(tl.int8), mask=(rows[:, None] < T) & (cols[None, :] < K))
-
-    return forward_kernel, grad_a_kernel, grad_x_kernel, mask_kernel
+    return k.forward_kernel, k.grad_a_kernel, k.grad_x_kernel, k.mask_kernel
 
 
 def _rank_block(r: int) -> int:
@@ -117,7 +62,8 @@ def _rank_block(r: int) -> int:
 
 
 def _sms(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    device = torch.device(device)
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 def supported(x: torch.Tensor, a: torch.Tensor) -> bool:
@@ -134,13 +80,13 @@ def lora_a_forward(x: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> tor
     t, k = x.shape
     r = a.shape[0]
     out = torch.zeros(t, r, dtype=torch.float32, device=x.device)
-    bm, bk = 64, 128
+    bm, bk = 64, MASK_BLOCK
     blocks = triton_cdiv(t, bm)
     split = max(1, min(triton_cdiv(k, bk), triton_cdiv(2 * _sms(x.device), blocks)))
     k_per = triton_cdiv(triton_cdiv(k, split), bk) * bk
     split = triton_cdiv(k, k_per)
-    forward_kernel[(blocks, split)](x, a, out, t, k, r, seed, p, 1.0 / (1.0 - p), x.stride(0), a.stride(0), k_per,
-                                    BM=bm, BK=bk, BR=_rank_block(r))
+    forward_kernel[(blocks, split)](x, a, out, t, k, r, seed, threshold(p), keep_scale(p), x.stride(0), a.stride(0),
+                                    k_per, BM=bm, BK=bk, BR=_rank_block(r))
     return out
 
 
@@ -151,12 +97,12 @@ def lora_a_grad(gh: torch.Tensor, x: torch.Tensor, seed: int, p: float) -> torch
     r = gh.shape[1]
     gh = gh.contiguous()
     out = torch.zeros(r, k, dtype=torch.float32, device=x.device)
-    bt, bk = 64, 128
+    bt, bk = 64, MASK_BLOCK
     blocks = triton_cdiv(k, bk)
     split = max(1, min(triton_cdiv(t, bt), triton_cdiv(2 * _sms(x.device), blocks)))
     t_per = triton_cdiv(triton_cdiv(t, split), bt) * bt
     split = triton_cdiv(t, t_per)
-    grad_a_kernel[(blocks, split)](gh, x, out, t, k, r, seed, p, 1.0 / (1.0 - p), x.stride(0), t_per,
+    grad_a_kernel[(blocks, split)](gh, x, out, t, k, r, seed, threshold(p), keep_scale(p), x.stride(0), t_per,
                                    BT=bt, BK=bk, BR=_rank_block(r))
     return out
 
@@ -167,10 +113,10 @@ def add_lora_input_grad_(grad_x: torch.Tensor, gh: torch.Tensor, a: torch.Tensor
     t, k = grad_x.shape
     r = a.shape[0]
     gh = gh.contiguous()
-    bm, bk = 64, 128
-    grad_x_kernel[(triton_cdiv(t, bm), triton_cdiv(k, bk))](grad_x, gh, a, t, k, r, seed, p, 1.0 / (1.0 - p),
-                                                            grad_x.stride(0), a.stride(0), BM=bm, BK=bk,
-                                                            BR=_rank_block(r))
+    bm, bk = 64, MASK_BLOCK
+    grad_x_kernel[(triton_cdiv(t, bm), triton_cdiv(k, bk))](grad_x, gh, a, t, k, r, seed, threshold(p),
+                                                            keep_scale(p), grad_x.stride(0), a.stride(0), BM=bm,
+                                                            BK=bk, BR=_rank_block(r))
     return grad_x
 
 
@@ -178,7 +124,7 @@ def dropout_keep_mask(t: int, k: int, seed: int, p: float, device) -> torch.Tens
     """The (t x k) keep-mask the kernels use for `seed` (bool), for tests."""
     mask_kernel = _kernels()[3]
     out = torch.empty(t, k, dtype=torch.int8, device=device)
-    mask_kernel[(triton_cdiv(t, 64), triton_cdiv(k, 128))](out, t, k, seed, p, BM=64, BK=128)
+    mask_kernel[(triton_cdiv(t, 64), triton_cdiv(k, MASK_BLOCK))](out, t, k, seed, threshold(p), BM=64, BK=MASK_BLOCK)
     return out.bool()
 
 
