@@ -39,10 +39,12 @@ def test_kernels_equal_the_formula_with_their_mask(t, k, r):
     gx = torch.randn(t, k, device="cuda", dtype=bf)
     keep = kernels.dropout_keep_mask(t, k, seed, p, "cuda")
     dropped = x.float() * keep * kernels.keep_scale(p)
-    assert close(kernels.lora_a_forward(x, a, seed, p), dropped @ a.float().t(), 1e-3)
-    assert close(kernels.lora_a_grad(gh, x, seed, p), gh.float().t() @ dropped, 1e-3)
+    h, bits = kernels.lora_a_forward(x, a, seed, p)
+    assert torch.equal(kernels.unpack_keep_bits(bits, k), keep)  # the forward keeps the mask it drew
+    assert close(h, dropped @ a.float().t(), 1e-3)
+    assert close(kernels.lora_a_grad(gh, x, bits, p), gh.float().t() @ dropped, 1e-3)
     ref = gx.float() + (gh.float() @ a.float()) * keep * kernels.keep_scale(p)
-    assert close(kernels.add_lora_input_grad_(gx.clone(), gh, a, seed, p), ref)
+    assert close(kernels.add_lora_input_grad_(gx.clone(), gh, a, bits, p), ref)
 
 
 def test_fused_lora_layer_on_the_triton_path_equals_the_formula(monkeypatch):

@@ -1,27 +1,45 @@
-"""The Triton source of `internvl_lora.kernels` (imported only when the kernels are used: it needs triton)."""
+"""The Triton source of `internvl_lora.kernels` (imported only when the kernels are used: it needs triton).
+
+Mask layout: columns are taken in blocks of BK (= kernels.MASK_BLOCK); within a block, column
+h * G + g (G = BK / 8, h < 8) is bit h of byte (row, block * G + g). The forward draws the bits (one
+Philox call per byte: 128 random bits, eight 16-bit numbers compared with the threshold) and stores
+them; the backward kernels read them (T x K / 8 bytes, a sixteenth of a bf16 input).
+"""
 
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def keep_tile(seed, rows, kb, nkb, thr, BM: tl.constexpr, BK: tl.constexpr):
-    # The keep-mask of rows x columns [kb*BK, (kb+1)*BK). One Philox call gives 4 x 32 random bits,
-    # eight 16-bit numbers: the call for (row, kb, g) serves columns g, g+G, ..., g+7G of the block
-    # (G = BK / 8), so drawing costs an eighth of one call per element.
+def _draw(seed, rows, kb, nkb, thr, BM: tl.constexpr, BK: tl.constexpr):
+    """(keep mask (BM, BK), its packed bytes (BM, BK // 8)) for block kb of these rows."""
     G: tl.constexpr = BK // 8
     g = tl.arange(0, G)
-    off = (rows[:, None] * nkb + kb) * G + g[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, off)
+    r0, r1, r2, r3 = tl.randint4x(seed, (rows[:, None] * nkb + kb) * G + g[None, :])
     h = tl.arange(0, 8)[None, :, None]
     word = tl.where(h < 2, r0[:, None, :], tl.where(h < 4, r1[:, None, :],
                                                     tl.where(h < 6, r2[:, None, :], r3[:, None, :])))
-    half = (word >> ((h % 2) * 16).to(tl.uint32)) & 0xFFFF
-    return tl.reshape(half >= thr, (BM, BK))
+    keep = ((word >> ((h % 2) * 16).to(tl.uint32)) & 0xFFFF) >= thr  # (BM, 8, G)
+    packed = tl.sum(keep.to(tl.int32) << h, axis=1)  # (BM, G)
+    return tl.reshape(keep, (BM, BK)), packed.to(tl.uint8)
+
+
+@triton.jit
+def _unpack(bits_ptr, rows, kb, T, nkb, BM: tl.constexpr, BK: tl.constexpr):
+    G: tl.constexpr = BK // 8
+    g = tl.arange(0, G)
+    byte = tl.load(bits_ptr + rows[:, None] * (nkb * G) + kb * G + g[None, :], mask=rows[:, None] < T, other=0)
+    h = tl.arange(0, 8)[None, :, None]
+    keep = ((byte.to(tl.int32)[:, None, :] >> h) & 1) != 0
+    return tl.reshape(keep, (BM, BK))
+
 
 @triton.jit(do_not_specialize=["T", "seed"])
-def forward_kernel(x_ptr, a_ptr, out_ptr, T, K, R, seed, thr, scale, stride_x, stride_a, k_per_split,
+def forward_kernel(x_ptr, a_ptr, out_ptr, bits_ptr, T, K, R, seed, thr, scale, stride_x, stride_a, k_per_split,
                    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+    """out (T x R, float32, zeroed) += (x * keep * scale) @ A^T over this program's column range; the
+    keep bits of (these rows, these column blocks) go to bits."""
+    G: tl.constexpr = BK // 8
     pid_m, pid_s = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     ranks = tl.arange(0, BR)
@@ -32,16 +50,21 @@ def forward_kernel(x_ptr, a_ptr, out_ptr, T, K, R, seed, thr, scale, stride_x, s
         cols = k + tl.arange(0, BK)
         inside = (rows[:, None] < T) & (cols[None, :] < K)
         x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=inside, other=0.0)
-        x = tl.where(keep_tile(seed, rows, k // BK, nkb, thr, BM, BK), x, tl.zeros_like(x))
+        keep, packed = _draw(seed, rows, k // BK, nkb, thr, BM, BK)
+        tl.store(bits_ptr + rows[:, None] * (nkb * G) + (k // BK) * G + tl.arange(0, G)[None, :], packed,
+                 mask=rows[:, None] < T)
+        x = tl.where(keep, x, tl.zeros_like(x))
         a = tl.load(a_ptr + ranks[None, :] * stride_a + cols[:, None],
                     mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0)  # (BK, BR) = A^T tile
         acc += tl.dot(x, a)
     acc *= scale
     tl.atomic_add(out_ptr + rows[:, None] * R + ranks[None, :], acc, mask=(rows[:, None] < T) & (ranks[None, :] < R))
 
-@triton.jit(do_not_specialize=["T", "seed"])
-def grad_a_kernel(gh_ptr, x_ptr, out_ptr, T, K, R, seed, thr, scale, stride_x, t_per_split,
+
+@triton.jit(do_not_specialize=["T"])
+def grad_a_kernel(gh_ptr, x_ptr, bits_ptr, out_ptr, T, K, R, scale, stride_x, t_per_split,
                   BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+    """out (R x K, float32, zeroed) += gh^T @ (x * keep * scale) over this program's rows."""
     pid_k, pid_s = tl.program_id(0), tl.program_id(1)
     cols = pid_k * BK + tl.arange(0, BK)
     ranks = tl.arange(0, BR)
@@ -52,16 +75,18 @@ def grad_a_kernel(gh_ptr, x_ptr, out_ptr, T, K, R, seed, thr, scale, stride_x, t
         rows = t + tl.arange(0, BT)
         inside = (rows[:, None] < T) & (cols[None, :] < K)
         x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=inside, other=0.0)
-        x = tl.where(keep_tile(seed, rows, pid_k, nkb, thr, BT, BK), x, tl.zeros_like(x))
+        x = tl.where(_unpack(bits_ptr, rows, pid_k, T, nkb, BT, BK), x, tl.zeros_like(x))
         g = tl.load(gh_ptr + rows[None, :] * R + ranks[:, None], mask=(rows[None, :] < T) & (ranks[:, None] < R),
                     other=0.0)  # (BR, BT) = gh^T tile
         acc += tl.dot(g, x)
     acc *= scale
     tl.atomic_add(out_ptr + ranks[:, None] * K + cols[None, :], acc, mask=(ranks[:, None] < R) & (cols[None, :] < K))
 
-@triton.jit(do_not_specialize=["T", "seed"])
-def grad_x_kernel(gx_ptr, gh_ptr, a_ptr, T, K, R, seed, thr, scale, stride_gx, stride_a,
+
+@triton.jit(do_not_specialize=["T"])
+def grad_x_kernel(gx_ptr, gh_ptr, a_ptr, bits_ptr, T, K, R, scale, stride_gx, stride_a,
                   BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+    """grad_x += ((gh @ A) * keep * scale), in place."""
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_k * BK + tl.arange(0, BK)
@@ -70,15 +95,17 @@ def grad_x_kernel(gx_ptr, gh_ptr, a_ptr, T, K, R, seed, thr, scale, stride_gx, s
     a = tl.load(a_ptr + ranks[:, None] * stride_a + cols[None, :], mask=(ranks[:, None] < R) & (cols[None, :] < K),
                 other=0.0)
     lora = tl.dot(g, a) * scale  # (BM, BK)
-    lora = tl.where(keep_tile(seed, rows, pid_k, tl.cdiv(K, BK), thr, BM, BK), lora, 0.0)
+    lora = tl.where(_unpack(bits_ptr, rows, pid_k, T, tl.cdiv(K, BK), BM, BK), lora, 0.0)
     inside = (rows[:, None] < T) & (cols[None, :] < K)
     ptrs = gx_ptr + rows[:, None] * stride_gx + cols[None, :]
     gx = tl.load(ptrs, mask=inside, other=0.0)
     tl.store(ptrs, (gx.to(tl.float32) + lora).to(gx.dtype), mask=inside)
 
+
 @triton.jit(do_not_specialize=["T", "seed"])
 def mask_kernel(out_ptr, T, K, seed, thr, BM: tl.constexpr, BK: tl.constexpr):
+    """The keep mask as int8 (T x K), drawn as the forward draws it (for tests)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
-    keep = keep_tile(seed, rows, tl.program_id(1), tl.cdiv(K, BK), thr, BM, BK)
+    keep, _ = _draw(seed, rows, tl.program_id(1), tl.cdiv(K, BK), thr, BM, BK)
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], keep.to(tl.int8), mask=(rows[:, None] < T) & (cols[None, :] < K))
