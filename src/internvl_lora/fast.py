@@ -27,7 +27,6 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from . import kernels
 from .errors import UserError
 from .internvl.constants import IGNORE_INDEX
 
@@ -420,24 +419,18 @@ class _LoraLinear(torch.autograd.Function):
         w = weight.to(dtype)
         y = F.linear(x2, w, None if bias is None else bias.to(dtype))
         a, b = lora_a.to(dtype), lora_b.to(dtype)
-        state = mask = seed = None
-        if p > 0 and kernels.supported(x2, a) and not (x2.is_cuda and torch.cuda.is_current_stream_capturing()):
-            # Triton: the mask is drawn inside the kernel and kept as bits; no dropped copy is written
-            seed = kernels.new_seed()
-            h, mask = kernels.lora_a_forward(x2, a, seed, p)  # mask: the keep bits
-            h = h.mul_(scale).to(dtype)
+        state = mask = None
+        if p > 0:
+            if x2.is_cuda and not torch.cuda.is_current_stream_capturing():  # (a CUDA graph keeps the mask)
+                state = _rng_state(x2.device)
+            dropped, mask = torch.native_dropout(x2, p, True)
         else:
-            if p > 0:
-                if x2.is_cuda and not torch.cuda.is_current_stream_capturing():  # (a CUDA graph keeps the mask)
-                    state = _rng_state(x2.device)
-                dropped, mask = torch.native_dropout(x2, p, True)
-            else:
-                dropped = x2
-            h = (dropped @ a.t()).mul_(scale)
+            dropped = x2
+        h = (dropped @ a.t()).mul_(scale)
         y.addmm_(h, b.t())
-        ctx.p, ctx.scale, ctx.state, ctx.seed = p, scale, state, seed
+        ctx.p, ctx.scale, ctx.state = p, scale, state
         ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = x.dtype, lora_a.dtype, lora_b.dtype
-        ctx.save_for_backward(x2, w, a, b, h, mask if state is None else None)  # (seed: mask holds bits)
+        ctx.save_for_backward(x2, w, a, b, h, mask if state is None else None)
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -445,17 +438,6 @@ class _LoraLinear(torch.autograd.Function):
         x2, w, a, b, h, mask = ctx.saved_tensors
         p = ctx.p
         g = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
-        if ctx.seed is not None:  # the Triton path: the forward kernel's keep bits
-            grad_x = grad_a = grad_b = None
-            gh = (g @ b).mul_(ctx.scale)
-            if ctx.needs_input_grad[4]:
-                grad_b = (g.t() @ h).to(ctx.b_dtype)
-            if ctx.needs_input_grad[3]:
-                grad_a = kernels.lora_a_grad(gh, x2, mask, p).to(ctx.a_dtype)
-            if ctx.needs_input_grad[0]:
-                grad_x = kernels.add_lora_input_grad_(g @ w, gh, a, mask, p)
-                grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1]).to(ctx.x_dtype)
-            return grad_x, None, None, grad_a, grad_b, None, None, None
         if ctx.state is not None:
             dropped, mask = _with_rng_state(x2.device, ctx.state, lambda: torch.native_dropout(x2, p, True))
         elif mask is not None:
