@@ -242,8 +242,8 @@ def test_resume_refuses_another_policy_and_warns_on_reuse(demo, tmp_path, capsys
 def test_training_steps_do_not_wait_for_the_gpu(demo, tmp_path, monkeypatch):
     """Over optimizer steps 2 and 3 of a real run (packed, chunked loss, watchdog on, CUDA), no host-device
     synchronization comes from our code, the Trainer or accelerate -- each would leave the GPU idle while
-    the host prepares the next work. The model's own forward (transformers' image-token count check and
-    packed-sequence detection) still synchronizes; those are what the probe must see to be working."""
+    the host prepares the next work. (The model's own forward -- transformers' image-token count check and
+    packed-sequence detection -- still synchronizes; that is not counted here.)"""
     import traceback
     import warnings
 
@@ -255,6 +255,7 @@ def test_training_steps_do_not_wait_for_the_gpu(demo, tmp_path, monkeypatch):
         def on_step_begin(self, args, state, control, **kw):
             if state.global_step == 1:
                 torch.cuda.set_sync_debug_mode("warn")
+                torch.ones(1, device="cuda").sum().item()  # a known sync: the probe must record it
             elif state.global_step == 3:
                 torch.cuda.set_sync_debug_mode(0)
 
@@ -277,7 +278,7 @@ def test_training_steps_do_not_wait_for_the_gpu(demo, tmp_path, monkeypatch):
         return next(f for f in reversed(stack) if "/torch/" not in f.filename and "warnings" not in f.filename)
 
     callers = [caller(s) for s in syncs]
-    assert any("transformers/models/" in f.filename for f in callers), callers  # the probe sees syncs
-    ours = [f"{f.filename}:{f.lineno} {f.line}" for f in callers
-            if any(k in f.filename for k in ("internvl_lora", "transformers/trainer", "accelerate/"))]
+    assert any(f.filename == __file__ for f in callers), callers  # the probe records syncs
+    ours = [f"{f.filename}:{f.lineno} {f.line}" for f in callers if f.filename != __file__
+            and any(k in f.filename for k in ("internvl_lora", "transformers/trainer", "accelerate/"))]
     assert not ours, ours

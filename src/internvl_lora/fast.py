@@ -456,7 +456,7 @@ class _LoraLinear(torch.autograd.Function):
             if mask is None:
                 grad_x.addmm_(gh, a)
             else:
-                grad_x += torch.ops.aten.native_dropout_backward(gh @ a, mask, 1.0 / (1.0 - p))
+                grad_x.addcmul_(gh @ a, mask, value=1.0 / (1.0 - p))  # one pass: + (gh A) * mask / (1 - p)
             grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1]).to(ctx.x_dtype)
         return grad_x, None, None, grad_a, grad_b, None, None, None
 
