@@ -213,13 +213,10 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
     # the recipe uses; only what a benchmark needs differs (fixed step count, no saving or reporting).
     run_cfg = RunConfig(data=DataArgs(num_workers=2 if cuda else 0), train=dataclasses.replace(
         t, per_device_batch_size=bs, grad_accum=accum, lr=4e-5, max_steps=total_steps, seed=0,
-        gradient_checkpointing=ckpt > 0, max_grad_norm=max_grad_norm, logging_steps=10, save_steps=10**6,
-        report_to=[], warmup_ratio=0.03))
+        gradient_checkpointing=ckpt > 0, max_grad_norm=max_grad_norm, logging_steps=10, report_to=[]))
     args = training_arguments(run_cfg, Path(out_dir), torch.bfloat16 if cuda else torch.float32, has_eval=False)
     args.train_sampling_strategy = "sequential"  # the timed samples are known in order (token budgets: ours)
     args.save_strategy = SaveStrategy.NO  # the Trainer would otherwise save at the last step, inside the timing
-    if ckpt:
-        args.activation_checkpointing_kwargs = {"use_reentrant": False}
     stats = StepStats()
     timer = Timer(warmup)
     # The training command's callbacks: the log line (every 10 steps, to stderr) and the watchdog.
