@@ -535,15 +535,6 @@ def speed_options(model, t, before_adapters: bool) -> list[str]:
     return done
 
 
-def _deepspeed_stage(path: str | None) -> int | None:
-    if not path:
-        return None
-    try:
-        return int(json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0))
-    except (OSError, ValueError, TypeError):
-        return None
-
-
 def save_final(trainer: InternVLTrainer, out: Path, init_dir: Path | None) -> Path:
     """Write OUT/adapter atomically (into a temporary folder, then renamed)."""
     final, tmp = out / "adapter", out / ".adapter.partial"
@@ -620,7 +611,7 @@ def train(cfg: RunConfig) -> Path:
             data_fp["eval"] = fingerprint([s.annotation for s in eval_specs])
 
     dtype = resolve_dtype(cfg.model.dtype)
-    if cfg.policy.init in MUTATING_INITS and _deepspeed_stage(t.deepspeed) == 3:
+    if cfg.policy.init in MUTATING_INITS and zero_stage(t.deepspeed) == 3:
         raise UserError(f"policy.init={cfg.policy.init} is not supported with DeepSpeed ZeRO-3 (the adapter "
                         "conversion needs whole weights); use ZeRO-1/2, DDP or policy.init=default")
     # TrainingArguments before the model: with ZeRO-3 the weights are then partitioned while loading.

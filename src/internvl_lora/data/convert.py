@@ -76,6 +76,7 @@ class _Reject(Exception):
         super().__init__(message)
         self.kind, self.message = kind, message
 
+
 def _with_system(obj: dict, turns: list[dict], keep_system: bool) -> list[dict]:
     """The record's top-level 'system' field as the first turn; the system turn dropped unless kept."""
     system = obj.get("system")
@@ -88,7 +89,6 @@ def _with_system(obj: dict, turns: list[dict], keep_system: bool) -> list[dict]:
     if turns and turns[0]["from"] == "system" and not keep_system:
         turns = turns[1:]
     return turns
-
 
 
 @dataclass
