@@ -176,7 +176,8 @@ def timed_trainer(phases: Phases, timer):
 
 
 def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropout=0.05, fused=True, compile=False,
-        budget=0, profile=False, chunked=True, phases=False, accum=1, timeline=0, sync_debug=False, max_grad_norm=1.0):
+        budget=0, profile=False, chunked=True, phases=False, accum=1, timeline=0, sync_debug=False, max_grad_norm=1.0,
+        cudnn_sdpa=False, lora_kernels=True, fused_mlp=True):
     """ckpt: share of the LLM decoder layers recomputed (0 = no activation checkpointing, 1 = all)."""
     torch.manual_seed(0)
     vit = VIT_TINY if size == "tiny" else {}
@@ -192,10 +193,14 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
     model.config.use_cache = False
     model.config.text_config.use_cache = False
     # The training command's own setup (train.speed_options), driven by the same TrainArgs fields.
-    t = TrainArgs(liger=liger, fused_lora=fused, compile=compile, checkpoint_layers=ckpt or 1.0, chunked_loss=chunked)
+    t = TrainArgs(liger=liger, fused_lora=fused, compile=compile, checkpoint_layers=ckpt or 1.0, chunked_loss=chunked,
+                  lora_kernels=lora_kernels, fused_mlp=fused_mlp)
     done = speed_options(model, t, before_adapters=True)
     model = apply_policy(model, PolicyArgs(dropout=dropout), "qwen2")
     done += speed_options(model, t, before_adapters=False)
+    if cudnn_sdpa and cuda:  # A/B of the cuDNN attention backend that speed_options turns off
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        done = [d for d in done if "cuDNN" not in d]
     rng = random.Random(0)
     groups = [samples(bs, rng, max_tiles) for _ in range(steps + warmup)]
     data = Synthetic(groups, cfg.vision_config.image_size[0] if isinstance(cfg.vision_config.image_size, (list, tuple)) else cfg.vision_config.image_size)
@@ -257,7 +262,8 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
 
 class Timeline(TrainerCallback):
     """CUDA-only torch.profiler over `steps` steps after the warm-up (no CPU events, no Python stacks, so
-    the host is not slowed down): writes OUT_DIR/timeline.json.gz for bench/trace_gaps.py, which then
+    the host is not slowed down): writes OUT_DIR/kernels.txt (the top kernels by GPU time) and
+    OUT_DIR/timeline.json.gz for bench/trace_gaps.py, which then
     reports the GPU busy share of real steps and names the kernels around each idle gap. With
     `sync_debug`, torch warns (with the call site) at every host-device synchronization of one step."""
 
@@ -283,6 +289,10 @@ class Timeline(TrainerCallback):
             self.prof.__exit__(None, None, None)
             out = Path(self.out_dir)
             out.mkdir(parents=True, exist_ok=True)
+            # The kernels of these steps by GPU time (no host events: names and counts only).
+            table = self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40,
+                                                   max_name_column_width=90)
+            (out / "kernels.txt").write_text(table)
             self.prof.export_chrome_trace(str(out / "timeline.json"))
             with open(out / "timeline.json", "rb") as f, gzip.open(out / "timeline.json.gz", "wb") as g:
                 shutil.copyfileobj(f, g)
@@ -312,8 +322,18 @@ if __name__ == "__main__":
     ap.add_argument("--sync-debug", action="store_true", help="warn at each host-device sync of one step (first configuration)")
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     ap.add_argument("--out", default="/tmp/bench_run")
+    ap.add_argument("--lora-kernels", type=int, default=1, help="train.lora_kernels (0/1)")
+    ap.add_argument("--fused-mlp", type=int, default=1, help="train.fused_mlp (0/1)")
+    ap.add_argument("--kernel-config", default="", help="JSON {G, config} for internvl_lora.kernels (the last line of lora_layer_bench.py --sweep)")
+    ap.add_argument("--cudnn-sdpa", action="store_true", help="keep SDPA's cuDNN backend on (A/B)")
     ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (the recipe's 0.05)")
     a = ap.parse_args()
+    if a.kernel_config:
+        from internvl_lora import kernels
+
+        tuned = json.loads(a.kernel_config)  # the last line of lora_layer_bench.py --sweep
+        kernels.G = tuned.get("G", kernels.G)
+        kernels.CONFIG.update(tuned.get("config", {}))
     grid = [(s, m, float(c), int(lg), int(f), int(cp), int(b), int(ch)) for s in a.sizes.split(",")
             for m in a.modes.split(",") for c in a.ckpt.split(",") for lg in a.liger.split(",")
             for f in a.fused.split(",") for cp in a.compile.split(",") for b in a.budget.split(",")
@@ -323,7 +343,8 @@ if __name__ == "__main__":
             r = run(s, m, a.bs, a.steps, a.max_tiles, c, bool(lg), a.out, dropout=a.dropout, fused=bool(f),
                     compile=bool(cp), budget=b, profile=a.profile and k == 0, chunked=bool(ch), phases=a.phases, accum=a.accum,
                     timeline=a.timeline if k == 0 else 0, sync_debug=a.sync_debug and k == 0,
-                    max_grad_norm=a.max_grad_norm)
+                    max_grad_norm=a.max_grad_norm, cudnn_sdpa=a.cudnn_sdpa, lora_kernels=bool(a.lora_kernels),
+                    fused_mlp=bool(a.fused_mlp))
         except Exception as e:  # one failing configuration must not hide the others
             r = dict(size=s, mode=m, grad_ckpt=c, liger=lg, fused_lora=f, compile=cp, token_budget=b, chunked_loss=ch,
                      error=repr(e)[:600])

@@ -215,6 +215,90 @@ def test_fused_lora_keeps_less_for_the_backward():
     assert before - after >= 0.9 * expected_saving, (before, after, expected_saving)
 
 
+def _peft_mlp(dropout, seed=0, dtype=torch.float32):
+    """A Qwen2 MLP (gate, up, down; SiLU) with LoRA on all three projections, B != 0."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(hidden_size=24, intermediate_size=56, hidden_act="silu")
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = Qwen2MLP(cfg)
+
+        def forward(self, x):
+            return self.mlp(x)
+
+    model = get_peft_model(Wrap().to(dtype), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights="gaussian",
+                                                         target_modules=["gate_proj", "up_proj", "down_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_swiglu_mlp_equals_peft_and_keeps_less(dropout):
+    """The fused MLP (the down layer keeps gate and up, not their product) gives PEFT's outputs and
+    gradients (same dropout draws, float32) and keeps one (tokens x intermediate) tensor less."""
+    from internvl_lora.fast import fuse_lora_layers, fuse_swiglu_mlps
+
+    x = torch.randn(2, 9, 24)
+    ref, layers_only, fused = _peft_mlp(dropout), _peft_mlp(dropout), _peft_mlp(dropout)
+    for m in (layers_only, fused):
+        assert fuse_lora_layers(m) == 3
+    assert fuse_swiglu_mlps(fused) == 1 and fuse_swiglu_mlps(fused) == 0  # once
+    assert list(ref.state_dict()) == list(fused.state_dict())
+    y0, gx0, g0 = _run(ref, x)
+    y1, gx1, g1 = _run(fused, x)
+    assert torch.allclose(y0, y1, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(gx0, gx1, rtol=1e-5, atol=1e-6)
+    assert g0.keys() == g1.keys() and len(g0) == 6
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], rtol=1e-5, atol=1e-6), n
+    saved_layers, saved_fused = _saved_bytes(layers_only, x), _saved_bytes(fused, x)
+    product = 2 * 9 * 56 * 4  # silu(gate) * up, float32
+    assert saved_layers - saved_fused >= product, (saved_layers, saved_fused)
+    fused.eval()
+    ref.eval()
+    with torch.no_grad():
+        assert torch.allclose(ref(x), fused(x), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_swiglu_mlp_replaces_an_instance_bound_forward():
+    """Liger binds its SwiGLU forward to each MLP instance; fusing replaces it (the same computation)."""
+    from internvl_lora.fast import fuse_lora_layers, fuse_swiglu_mlps
+
+    model = _peft_mlp(0.0)
+    mlp = model.base_model.model.mlp
+    mlp.__dict__["forward"] = lambda x: (_ for _ in ()).throw(AssertionError("the bound forward ran"))
+    fuse_lora_layers(model)
+    assert fuse_swiglu_mlps(model) == 1 and "forward" not in mlp.__dict__
+    _run(model, torch.randn(1, 5, 24))
+
+
+def test_sdpa_cudnn_backend_is_turned_off_on_a_gpu(monkeypatch):
+    """cuDNN attention plans per input shape (the vision tower's batch changes every step): off on a GPU."""
+    from internvl_lora.config import TrainArgs
+    from internvl_lora.train import speed_options
+
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        done = speed_options(_peft_block(0.0), TrainArgs(fused_lora=False, chunked_loss=False), before_adapters=False)
+        assert done == ["SDPA without cuDNN"] and not torch.backends.cuda.cudnn_sdp_enabled()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        assert speed_options(_peft_block(0.0), TrainArgs(fused_lora=False, chunked_loss=False), before_adapters=False) == []
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
+
+
 def test_fused_lora_under_autocast_matches_peft():
     """bfloat16 autocast with float32 adapters (the Trainer's bf16 mode): no float32 copies, same result."""
     from internvl_lora.fast import fuse_lora_layers
@@ -351,7 +435,7 @@ def test_fused_lora_on_cuda_redraws_the_forward_mask():
     b = torch.randn(256, 16, device="cuda", dtype=torch.float32, requires_grad=True)
     g = torch.randn(3, 1000, 256, device="cuda", dtype=bf)
     state = torch.cuda.get_rng_state()
-    y = _LoraLinear.apply(x, base, bias, a, b, 2.0, 0.1, bf)
+    y = _LoraLinear.apply(x, base, bias, a, b, 2.0, 0.1, bf, False)  # torch's dropout (not the Triton kernels)
     y.backward(g)
     after = torch.cuda.get_rng_state()
     torch.cuda.set_rng_state(state)
@@ -428,7 +512,7 @@ def test_fused_lora_stays_off_with_sharded_weights(sharded):
     if sharded:
         assert not fused and "off under ZeRO-3 / FSDP" in done[0]
     else:
-        assert len(fused) == 5 and done == ["fused LoRA layers: 5"]
+        assert len(fused) == 5 and done[0] == "fused LoRA layers: 5"
 
 
 # -- chunked loss --------------------------------------------------------------------------------------

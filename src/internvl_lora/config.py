@@ -86,6 +86,8 @@ class TrainArgs:
     gradient_checkpointing: bool = True  # activation checkpointing (non-reentrant) in the LLM and the vision tower
     checkpoint_layers: float = 1.0  # with gradient_checkpointing: share of the LLM's decoder layers recomputed (evenly spread; 1 all, 0.5 every other)
     fused_lora: bool = True  # each LoRA layer's training forward as one autograd node that keeps only the layer's input (same numbers, less memory and host time; not under ZeRO-3 / FSDP)
+    lora_kernels: bool = True  # with fused_lora on a GPU with triton: the LoRA dropout inside Triton kernels (no dropped copy of the input; masks from another random stream of the same distribution)
+    fused_mlp: bool = True  # with fused_lora: the SwiGLU MLP's down projection keeps gate and up but not their product (a quarter less activation memory per decoder layer)
     chunked_loss: bool = True  # logits of trained positions formed in chunks inside the loss, never all at once (same numbers; not under ZeRO-3 / FSDP)
     liger: bool = False  # Liger kernels (RMSNorm, SwiGLU, RoPE) in the LLM; needs liger-kernel and a GPU
     compile: bool = False  # torch.compile each LLM decoder layer (experimental; GPU)

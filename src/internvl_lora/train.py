@@ -39,7 +39,7 @@ from .data.batching import TokenBudgetBatchSampler
 from .data.dataset import PadCollator, SupervisedDataset
 from .fast import (
     HOST_SIDE_KEYS, HostSide, PackedCollator, apply_liger, checkpoint_some_layers, chunk_output_layer,
-    compile_layers, fuse_lora_layers, loss_weights, register_varlen_attention, trained_positions_loss,
+    compile_layers, fuse_lora_layers, fuse_swiglu_mlps, loss_weights, register_varlen_attention, trained_positions_loss,
 )
 from .data.encode import EncodeSettings
 from .data.records import load_meta
@@ -505,18 +505,32 @@ def decoder_layers(model):
     return base.get_decoder().layers
 
 
+def _lora_kernels_available() -> bool:
+    from .kernels import available
+
+    return available()
+
+
 def speed_options(model, t, before_adapters: bool) -> list[str]:
     """Apply the speed options of the `train` section; called before and after the adapters are injected.
 
-    Before: Liger kernels on the language model. After: the fused LoRA layers (`fast.fuse_lora_layers`),
-    or torch.compile of each decoder layer (which then handles dropout itself); the chunked loss
-    (`fast.chunk_output_layer`). Returns what was done.
+    Before: Liger kernels on the language model. After: on a GPU, SDPA without its cuDNN backend; the
+    fused LoRA layers (`fast.fuse_lora_layers`, their dropout in Triton kernels with `lora_kernels`) and
+    SwiGLU MLPs (`fast.fuse_swiglu_mlps`, with `fused_mlp`), or torch.compile of each decoder layer
+    (which then handles dropout itself); the chunked loss (`fast.chunk_output_layer`). Returns what was
+    done.
     """
     done = []
     if before_adapters:
         if t.liger:
             done.append(f"liger kernels ({apply_liger(model.get_decoder())})")
         return done
+    if torch.cuda.is_available() and torch.backends.cuda.cudnn_sdp_enabled():
+        # cuDNN's attention builds an execution plan for every new input shape (70-80 ms each on an H200,
+        # the GPU idle meanwhile), and the vision tower's batch -- the tiles of a micro-batch -- changes
+        # shape from step to step; flash and memory-efficient SDPA have no per-shape setup.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        done.append("SDPA without cuDNN")
     sharded = zero_stage(t.deepspeed) == 3 or bool(t.fsdp)
     if t.compile:
         done.append(f"torch.compile of {compile_layers(decoder_layers(model))} decoder layers")
@@ -526,7 +540,10 @@ def speed_options(model, t, before_adapters: bool) -> list[str]:
             # been run unsharded (1 GPU, DDP, ZeRO-1), so sharded runs keep PEFT's own path.
             done.append("fused LoRA layers off under ZeRO-3 / FSDP (PEFT's path)")
         else:
-            done.append(f"fused LoRA layers: {fuse_lora_layers(model)}")
+            done.append(f"fused LoRA layers: {fuse_lora_layers(model, kernels=t.lora_kernels)}"
+                        + (" (dropout in Triton kernels on the GPU)" if t.lora_kernels and _lora_kernels_available() else ""))
+            if t.fused_mlp:
+                done.append(f"fused SwiGLU MLPs: {fuse_swiglu_mlps(model)}")
     if t.chunked_loss:
         if sharded:  # the output layer's weight is whole only inside its own forward there
             done.append("chunked loss off under ZeRO-3 / FSDP")

@@ -1,0 +1,118 @@
+"""The Triton kernels (internvl_lora.kernels): the LoRA-dropout kernels against the formula with their own
+mask, the SwiGLU kernels against torch, and the fused LoRA layer and MLP on that path. GPU only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from internvl_lora import kernels
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not kernels.available(), reason="needs triton and a CUDA device")]
+
+
+def close(x, ref, frac=1e-2):
+    """Equal up to `frac` of the reference's largest magnitude (bf16 rounding of large partial sums)."""
+    return (x.float() - ref.float()).abs().max().item() <= frac * ref.float().abs().max().item()
+
+
+def test_keep_mask_is_bernoulli_per_element_and_seeded():
+    m = kernels.dropout_keep_mask(1000, 3584, 1234, 0.05, "cuda")
+    assert m.shape == (1000, 3584) and m.dtype == torch.bool
+    assert 0.948 < m.float().mean().item() < 0.952
+    assert torch.equal(m, kernels.dropout_keep_mask(1000, 3584, 1234, 0.05, "cuda"))
+    assert not torch.equal(m, kernels.dropout_keep_mask(1000, 3584, 1235, 0.05, "cuda"))
+    # neighbours (in a row, in a column, eight columns apart: the halves of one Philox call) are
+    # independent: P(both kept) ~ (1 - p)^2
+    for a, b in ((m[:, :-1], m[:, 1:]), (m[:-1], m[1:]), (m[:, :-8], m[:, 8:]), (m[:, :-kernels.G], m[:, kernels.G:])):
+        assert abs((a & b).float().mean().item() - 0.95**2) < 0.002
+
+
+@pytest.mark.parametrize("t,k,r", [(1000, 3584, 16), (77, 300, 8), (3840, 18944, 16), (5, 64, 32), (2000, 512, 16)])
+def test_kernels_equal_the_formula_with_their_mask(t, k, r):
+    torch.manual_seed(0)
+    bf, p, seed = torch.bfloat16, 0.1, 99
+    x = torch.randn(t, k, device="cuda", dtype=bf)
+    a = torch.randn(r, k, device="cuda", dtype=bf) / 10
+    gh = torch.randn(t, r, device="cuda", dtype=bf)
+    keep = kernels.dropout_keep_mask(t, k, seed, p, "cuda")
+    dropped = x.float() * keep * kernels.keep_scale(p)
+    assert close(kernels.lora_a_forward(x, a, seed, p, 2.0), 2.0 * dropped @ a.float().t(), 1e-3)
+    assert close(kernels.lora_a_grad(gh, x, seed, p), gh.float().t() @ dropped, 1e-3)
+    assert close(kernels.lora_input_grad(gh, a, seed, p), (gh.float() @ a.float()) * keep * kernels.keep_scale(p))
+
+
+def test_swiglu_kernels_equal_torch():
+    torch.manual_seed(0)
+    g = torch.randn(700, 1000, device="cuda", dtype=torch.bfloat16) * 3
+    u = torch.randn(700, 1000, device="cuda", dtype=torch.bfloat16)
+    d = torch.randn(700, 1000, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(kernels.swiglu_forward(g, u), torch.nn.functional.silu(g) * u)
+    gg, uu = g.clone().requires_grad_(True), u.clone().requires_grad_(True)
+    (torch.nn.functional.silu(gg.float()) * uu.float()).backward(d.float())
+    grad_g, grad_u = kernels.swiglu_backward_(d, g.clone(), u.clone())
+    assert close(grad_g, gg.grad) and close(grad_u, uu.grad)
+
+
+def test_fused_lora_layer_on_the_kernel_path_equals_the_formula(monkeypatch):
+    """_LoraLinear with dropout on a GPU: output and all gradients equal the explicit formula with the
+    kernels' mask for the seed the layer drew (forward and backward use one mask)."""
+    from internvl_lora.fast import _LoraLinear
+
+    monkeypatch.setattr(kernels, "new_seed", lambda: 4321)
+    torch.manual_seed(0)
+    bf = torch.bfloat16
+    x = torch.randn(3, 1000, 512, device="cuda", dtype=bf, requires_grad=True)
+    base = torch.randn(256, 512, device="cuda", dtype=bf) / 20
+    bias = torch.randn(256, device="cuda", dtype=bf)
+    a = torch.randn(16, 512, device="cuda", dtype=torch.float32, requires_grad=True)
+    b = torch.randn(256, 16, device="cuda", dtype=torch.float32, requires_grad=True)
+    g = torch.randn(3, 1000, 256, device="cuda", dtype=bf)
+    y = _LoraLinear.apply(x, base, bias, a, b, 2.0, 0.1, bf, True)
+    y.backward(g)
+    keep = kernels.dropout_keep_mask(3000, 512, 4321, 0.1, "cuda")
+    # the reference follows the layer's dtypes: bf16 operands, float32 accumulation, bf16 products
+    x2, g2 = x.detach().reshape(-1, 512).float(), g.reshape(-1, 256)
+    a16, b16 = a.detach().to(bf), b.detach().to(bf)
+    dropped = x2 * keep * kernels.keep_scale(0.1)
+    h = (dropped @ a16.float().t() * 2.0).to(bf)
+    ref = torch.nn.functional.linear(x.detach().reshape(-1, 512), base, bias).float() + h.float() @ b16.float().t()
+    assert close(y.reshape(-1, 256), ref)
+    gh = (g2 @ b16) * 2.0
+    gx = (g2 @ base).float() + (gh.float() @ a16.float()) * keep * kernels.keep_scale(0.1)
+    assert close(x.grad.reshape(-1, 512), gx)
+    assert close(a.grad, gh.float().t() @ dropped, 1e-3)
+    assert close(b.grad, g2.float().t() @ h.float())
+    assert 0.88 < keep.float().mean().item() < 0.92
+
+
+@pytest.mark.parametrize("use_kernels", [False, True])
+def test_fused_mlp_on_the_gpu_equals_separate_layers(use_kernels):
+    """bf16 on the GPU, both dropout paths: the fused MLP node (product formed again in the backward,
+    the same mask redrawn) equals the SwiGLU and the down layer as separate nodes, drawn from the same
+    generator states."""
+    from internvl_lora.fast import _LoraLinear, _SwiGLULoraLinear
+
+    torch.manual_seed(0)
+    bf = torch.bfloat16
+    gate = torch.randn(2, 600, 384, device="cuda", dtype=bf, requires_grad=True)
+    up = torch.randn(2, 600, 384, device="cuda", dtype=bf, requires_grad=True)
+    w = torch.randn(128, 384, device="cuda", dtype=bf) / 20
+    a = torch.randn(16, 384, device="cuda", requires_grad=True)
+    b = torch.randn(128, 16, device="cuda", requires_grad=True)
+    g = torch.randn(2, 600, 128, device="cuda", dtype=bf)
+    results = []
+    for fused in (False, True):
+        for t in (gate, up, a, b):
+            t.grad = None
+        torch.manual_seed(5)
+        torch.cuda.manual_seed(5)
+        if fused:
+            y = _SwiGLULoraLinear.apply(gate, up, w, None, a, b, 2.0, 0.1, bf, use_kernels)
+        else:
+            y = _LoraLinear.apply(torch.nn.functional.silu(gate) * up, w, None, a, b, 2.0, 0.1, bf, use_kernels)
+        y.backward(g)
+        results.append([y.detach()] + [t.grad.clone() for t in (gate, up, a, b)])
+    for r0, r1 in zip(*results):
+        assert close(r1, r0), (r0.float().abs().max(), (r1.float() - r0.float()).abs().max())
