@@ -694,3 +694,22 @@ def test_host_side_counts_and_positions_equal_what_the_step_would_read_from_the_
         loss = trainer.compute_loss(model, trainer.data_collator(items[:5]))
     assert torch.isfinite(loss)
     assert seen and not seen[0] & {"trained_positions", "batch_counts"}, seen
+
+
+def test_a_failing_triton_kernel_names_the_way_around_it(monkeypatch):
+    """A triton version that cannot compile a kernel (triton 3.6 failed on a select over a 1-bit mask)
+    is reported as a user error naming the switch that avoids the kernels."""
+    from internvl_lora import kernels
+    from internvl_lora.errors import UserError
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                raise RuntimeError("PassManager::run failed")
+            return launch
+
+    monkeypatch.setattr(kernels, "_kernels", lambda: type("K", (), {"swiglu_forward_kernel": Broken()})())
+    with pytest.raises(UserError) as e:
+        kernels.swiglu_forward(torch.ones(4), torch.ones(4))
+    assert "swiglu_forward_kernel" in str(e.value) and "train.lora_kernels=false" in str(e.value)
+    assert "PassManager::run failed" in str(e.value)

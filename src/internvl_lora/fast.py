@@ -509,10 +509,10 @@ class _LoraLinear(torch.autograd.Function):
                 None if grad_b is None else grad_b.to(ctx.b_dtype), None, None, None, None)
 
 
-def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def _swiglu(gate: torch.Tensor, up: torch.Tensor, use_kernels: bool = True) -> torch.Tensor:
     """silu(gate) * up (the SiLU in float32, rounded to the inputs' dtype before the product, as Liger
-    and transformers' bfloat16 models compute it)."""
-    if gate.is_cuda and gate.dtype in (torch.bfloat16, torch.float16):
+    and transformers' bfloat16 models compute it); one Triton kernel on a GPU with `use_kernels`."""
+    if use_kernels and gate.is_cuda and gate.dtype in (torch.bfloat16, torch.float16):
         from . import kernels
 
         if kernels.available():
@@ -520,10 +520,11 @@ def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def _swiglu_backward_(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
-    """Gradients of `_swiglu` for the output gradient `grad`, written into `gate` and `up` (which are
+def _swiglu_backward_(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, use_kernels: bool = True):
+    """Gradients of `_swiglu` for the output gradient `grad`, written into `gate` and `up` (contiguous;
     not needed afterwards); returns them."""
-    if gate.is_cuda and gate.dtype in (torch.bfloat16, torch.float16):
+    if use_kernels and gate.is_cuda and gate.dtype in (torch.bfloat16, torch.float16) and gate.is_contiguous() \
+            and up.is_contiguous():
         from . import kernels
 
         if kernels.available():
@@ -551,10 +552,10 @@ class _SwiGLULoraLinear(torch.autograd.Function):
         g2, u2 = gate.reshape(-1, shape[-1]).to(dtype), up.reshape(-1, shape[-1]).to(dtype)
         w = weight.to(dtype)
         a, b = lora_a.to(dtype), lora_b.to(dtype)
-        x2 = _swiglu(g2, u2)
+        x2 = _swiglu(g2, u2, use_kernels)
         y, h, rng = _lora_forward(x2, w, None if bias is None else bias.to(dtype), a, b, scale, p, use_kernels)
         del x2
-        ctx.p, ctx.scale, ctx.rng = p, scale, rng[:1] + (None,) + rng[2:]
+        ctx.p, ctx.scale, ctx.rng, ctx.use_kernels = p, scale, rng[:1] + (None,) + rng[2:], use_kernels
         ctx.in_dtypes, ctx.a_dtype, ctx.b_dtype = (gate.dtype, up.dtype), lora_a.dtype, lora_b.dtype
         ctx.save_for_backward(g2, u2, w, a, b, h, rng[1])
         return y.view(*shape[:-1], y.shape[-1])
@@ -563,7 +564,7 @@ class _SwiGLULoraLinear(torch.autograd.Function):
     def backward(ctx, grad):
         g2, u2, w, a, b, h, mask = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
-        x2 = _swiglu(g2, u2)
+        x2 = _swiglu(g2, u2, ctx.use_kernels)
         rng = (ctx.rng[0], mask, ctx.rng[2])
         needs_x = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_x, grad_a, grad_b = _lora_backward(x2, w, a, b, h, g, rng, ctx.scale, ctx.p,
@@ -572,7 +573,7 @@ class _SwiGLULoraLinear(torch.autograd.Function):
         grad_gate = grad_up = None
         if needs_x:
             # written into the kept gate and up (Liger's SwiGLU does the same): nothing else holds them
-            grad_gate, grad_up = _swiglu_backward_(grad_x, g2, u2)
+            grad_gate, grad_up = _swiglu_backward_(grad_x, g2, u2, ctx.use_kernels)
             shape = grad.shape[:-1] + (g2.shape[-1],)
             grad_gate = grad_gate.view(shape).to(ctx.in_dtypes[0])
             grad_up = grad_up.view(shape).to(ctx.in_dtypes[1])

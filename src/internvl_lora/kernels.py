@@ -72,6 +72,21 @@ def _kernels():
     return k
 
 
+def _launch(name: str, grid, *args, **meta):
+    """Run the Triton kernel `name`; a failure to compile it (a triton version that miscompiles it) is
+    reported with the way around it."""
+    try:
+        getattr(_kernels(), name)[grid](*args, **meta)
+    except Exception as e:
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            raise
+        from .errors import UserError
+
+        detail = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+        raise UserError(f"the Triton kernel {name} failed on this GPU / triton version ({type(e).__name__}: {detail}); "
+                        "set train.lora_kernels=false to run the LoRA layers and the SwiGLU on torch's kernels") from e
+
+
 def _rank_block(r: int) -> int:
     return max(16, 1 << (r - 1).bit_length())
 
@@ -110,7 +125,7 @@ def lora_a_forward(x: torch.Tensor, a: torch.Tensor, seed: int, p: float, scale:
     per = _cdiv(nkb, split)
     split = _cdiv(nkb, per)
     out = (torch.zeros if split > 1 else torch.empty)(t, r, dtype=torch.float32, device=x.device)
-    _kernels().forward_kernel[(blocks, split)](
+    _launch("forward_kernel", (blocks, split),
         x, a.t().contiguous(), out, t, k, r, seed, threshold(p), scale * keep_scale(p), x.stride(0), per,
         BM=bm, G=G, BR=_rank_block(r), SPLIT=split > 1, num_warps=cfg["warps"], num_stages=cfg["stages"])
     return out
@@ -128,7 +143,7 @@ def lora_a_grad(gh: torch.Tensor, x: torch.Tensor, seed: int, p: float) -> torch
     per = _cdiv(steps, split) * bt
     split = _cdiv(t, per)
     out = (torch.zeros if split > 1 else torch.empty)(r, k, dtype=torch.float32, device=x.device)
-    _kernels().grad_a_kernel[(nkb, split)](
+    _launch("grad_a_kernel", (nkb, split),
         ght, x, out, t, k, r, seed, threshold(p), keep_scale(p), x.stride(0), per,
         BT=bt, G=G, BR=_rank_block(r), SPLIT=split > 1, num_warps=cfg["warps"], num_stages=cfg["stages"])
     return out
@@ -142,7 +157,7 @@ def lora_input_grad(gh: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> t
     gh = gh.contiguous()
     out = torch.empty(t, k, dtype=gh.dtype, device=gh.device)
     bm = cfg["rows"]
-    _kernels().grad_x_kernel[(_cdiv(t, bm), _cdiv(k, 8 * G))](
+    _launch("grad_x_kernel", (_cdiv(t, bm), _cdiv(k, 8 * G)),
         out, gh, a, t, k, r, seed, threshold(p), keep_scale(p), out.stride(0), a.stride(0),
         BM=bm, G=G, BR=_rank_block(r), num_warps=cfg["warps"], num_stages=cfg["stages"])
     return out
@@ -156,7 +171,7 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(up)
     n = out.numel()
-    _kernels().swiglu_forward_kernel[(_cdiv(n, SWIGLU_BLOCK),)](gate, up, out, n, BLOCK=SWIGLU_BLOCK, num_warps=8)
+    _launch("swiglu_forward_kernel", (_cdiv(n, SWIGLU_BLOCK),), gate, up, out, n, BLOCK=SWIGLU_BLOCK, num_warps=8)
     return out
 
 
@@ -165,7 +180,7 @@ def swiglu_backward_(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
     (contiguous; their values are not needed afterwards). Returns (grad_gate, grad_up) = (gate, up)."""
     grad = grad.contiguous()
     n = gate.numel()
-    _kernels().swiglu_backward_kernel[(_cdiv(n, SWIGLU_BLOCK),)](grad, gate, up, n, BLOCK=SWIGLU_BLOCK, num_warps=8)
+    _launch("swiglu_backward_kernel", (_cdiv(n, SWIGLU_BLOCK),), grad, gate, up, n, BLOCK=SWIGLU_BLOCK, num_warps=8)
     return gate, up
 
 
