@@ -82,6 +82,27 @@ class Timer(TrainerCallback):
             self.steps += 1
 
 
+def _finish_profile(prof, out_dir, table_name, trace_name, **table_options) -> str:
+    """Stop a torch.profiler run: write its kernel table to OUT_DIR/table_name and its Chrome trace to
+    OUT_DIR/trace_name.json.gz; returns the table."""
+    import gzip
+    import shutil
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    prof.__exit__(None, None, None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = prof.key_averages().table(**table_options)
+    (out / table_name).write_text(table)
+    raw = out / f"{trace_name}.json"
+    prof.export_chrome_trace(str(raw))
+    with open(raw, "rb") as f, gzip.open(out / f"{trace_name}.json.gz", "wb") as g:
+        shutil.copyfileobj(f, g)
+    raw.unlink()
+    return table
+
+
 class Profile(TrainerCallback):
     """torch.profiler over one step after the warm-up: prints the top CUDA kernels by total time and writes
     the Chrome trace (with Python stacks) to OUT_DIR/trace.json.gz, for the GPU idle-gap analysis of
@@ -100,20 +121,9 @@ class Profile(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kw):
         if self.prof is not None and state.global_step == self.warmup + 2:
-            import gzip
-            import shutil
-
-            torch.cuda.synchronize()
-            self.prof.__exit__(None, None, None)
-            table = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+            table = _finish_profile(self.prof, self.out_dir, "profile.txt", "trace", sort_by="cuda_time_total",
+                                    row_limit=30, max_name_column_width=70)
             print(table, file=sys.stderr, flush=True)
-            out = Path(self.out_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "profile.txt").write_text(table)
-            self.prof.export_chrome_trace(str(out / "trace.json"))
-            with open(out / "trace.json", "rb") as f, gzip.open(out / "trace.json.gz", "wb") as g:
-                shutil.copyfileobj(f, g)
-            (out / "trace.json").unlink()
             self.prof = None
 
 
@@ -282,21 +292,9 @@ class Timeline(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kw):
         if self.prof is not None and state.global_step == self.warmup + self.steps:
-            import gzip
-            import shutil
-
-            torch.cuda.synchronize()
-            self.prof.__exit__(None, None, None)
-            out = Path(self.out_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            # The kernels of these steps by GPU time (no host events: names and counts only).
-            table = self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40,
-                                                   max_name_column_width=90)
-            (out / "kernels.txt").write_text(table)
-            self.prof.export_chrome_trace(str(out / "timeline.json"))
-            with open(out / "timeline.json", "rb") as f, gzip.open(out / "timeline.json.gz", "wb") as g:
-                shutil.copyfileobj(f, g)
-            (out / "timeline.json").unlink()
+            # the kernels of these steps by GPU time (no host events: names and counts only)
+            _finish_profile(self.prof, self.out_dir, "kernels.txt", "timeline", sort_by="self_cuda_time_total",
+                            row_limit=40, max_name_column_width=90)
             self.prof = None
         if self.sync_debug and state.global_step == self.warmup + self.steps + 1:
             torch.cuda.set_sync_debug_mode(0)

@@ -31,3 +31,22 @@ def test_tiny_run_uses_the_training_commands_setup(bench, tmp_path):
     assert any(o.startswith("fused LoRA layers") for o in r["options"]) and "chunked loss" in r["options"]
     assert not list(tmp_path.glob("checkpoint-*"))  # nothing saved inside the timing
     assert (tmp_path / "metrics.jsonl").exists()  # the command's log line ran
+
+
+def test_finished_profile_writes_the_kernel_table_and_the_trace(bench, tmp_path):
+    """The profiler helper behind --profile and --timeline (a CPU profile here)."""
+    import gzip
+    import json
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU])
+    prof.__enter__()
+    torch.ones(64, 64) @ torch.ones(64, 64)
+    table = bench._finish_profile(prof, tmp_path / "out", "kernels.txt", "timeline", sort_by="self_cpu_time_total",
+                                  row_limit=5)
+    assert "aten::mm" in table and (tmp_path / "out" / "kernels.txt").read_text() == table
+    events = json.load(gzip.open(tmp_path / "out" / "timeline.json.gz"))["traceEvents"]
+    assert any(e.get("name") == "aten::mm" for e in events)
+    assert not (tmp_path / "out" / "timeline.json").exists()
