@@ -11,6 +11,9 @@ Here the keep-mask is a function of (seed, element index) -- Philox, eight 16-bi
 - `lora_input_grad(gh, A, seed, p)`: (gh @ A) * keep / (1 - p), tokens x in, in gh's dtype (the caller
   adds the base layer's input gradient onto it inside the large matmul).
 
+And the SwiGLU of the fused MLP (`fast.fuse_swiglu_mlps`) in one pass each way: `swiglu_forward(gate, up)`
+and `swiglu_backward_(grad, gate, up)`.
+
 The mask is Bernoulli(1 - p) per element like torch's dropout, from another random stream: the seed is
 drawn from torch's CPU generator (`new_seed`), so `torch.manual_seed` and activation checkpointing's RNG
 replay reproduce it. `dropout_keep_mask` materializes a mask, for tests. Needs triton and a CUDA device
@@ -105,7 +108,7 @@ def supported(x: torch.Tensor, a: torch.Tensor) -> bool:
     element indices within int32, rank <= 128."""
     t, k = x.shape
     return (available() and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and a.dtype == x.dtype
-            and x.stride(1) == 1 and a.stride(1) == 1 and t * k < 2**31 - 1 and a.shape[0] <= 128)
+            and x.stride(1) == 1 and a.stride(1) == 1 and t * max(k, x.stride(0)) < 2**31 - 1 and a.shape[0] <= 128)
 
 
 def _split(blocks: int, steps: int, per_sm: int, device) -> int:
