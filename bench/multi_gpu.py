@@ -52,7 +52,7 @@ from internvl_lora.data.blank_tile import BlankTileCollator  # noqa: E402
 from internvl_lora.data.dataset import PadCollator  # noqa: E402
 from internvl_lora.internvl.checkpoint import inspect_checkpoint  # noqa: E402
 from internvl_lora.internvl.constants import IMG_CONTEXT_TOKEN  # noqa: E402
-from internvl_lora.internvl.convert import preprocessor_config  # noqa: E402
+from internvl_lora.internvl.format.config_map import preprocessor_config  # noqa: E402
 from internvl_lora.lora import apply_policy  # noqa: E402
 from internvl_lora.train import InternVLTrainer  # noqa: E402
 

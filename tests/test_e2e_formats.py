@@ -14,7 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from internvl_lora.internvl import convert as cv
+from internvl_lora.internvl.format.config_map import original_config_to_hf
+from internvl_lora.internvl.format.keymap import hf_to_original_state_dict, split_grouped_qkv
+from internvl_lora.internvl.format.save import convert_checkpoint
 from internvl_lora.merge import merge
 
 TRAIN = ["train.max_steps=4", "train.report_to=[]", "train.per_device_batch_size=4", "train.logging_steps=1",
@@ -41,7 +43,7 @@ def orig(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("formats")
     cfg_path = prepare(d, n_train=16, n_heldout=4)
-    base = cv.convert_checkpoint(d / "model", d / "original", "original")
+    base = convert_checkpoint(d / "model", d / "original", "original")
     (base / REMOTE_CODE).write_text("# stands in for the remote code of a released checkpoint\n")
     cfg = yaml.safe_load(cfg_path.read_text())
     cfg["model"]["path"] = str(base)
@@ -138,14 +140,14 @@ def _internlm2_checkpoint(src_original: Path, tiny_hf: Path, folder: Path) -> Pa
         "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"), "pad_token_id": tok.pad_token_id,
     }
     cfg["template"] = "internlm2-chat"
-    hf_cfg = cv.original_config_to_hf(cfg, image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"))
+    hf_cfg = original_config_to_hf(cfg, image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"))
     torch.manual_seed(0)
     model = InternVLForConditionalGeneration(hf_cfg)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.1)
     folder.mkdir()
-    save_file(cv.hf_to_original_state_dict(model.state_dict(), cfg), str(folder / "model.safetensors"))
+    save_file(hf_to_original_state_dict(model.state_dict(), cfg), str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     for name in ("tokenizer.json", "tokenizer_config.json", REMOTE_CODE):
         src = (tiny_hf / name) if (tiny_hf / name).exists() else (src_original / name)
@@ -185,8 +187,8 @@ def test_internlm2_fused_wqkv_streaming_equals_peft(orig, tmp_path):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
 
     # the k rows of the fused wqkv are untouched, the q and v rows moved (grouped layout, 2 KV groups)
-    q, k, v = cv.split_grouped_qkv(b["language_model.model.layers.0.attention.wqkv.weight"], 4, 2)
-    q0, k0, v0 = cv.split_grouped_qkv(src["language_model.model.layers.0.attention.wqkv.weight"], 4, 2)
+    q, k, v = split_grouped_qkv(b["language_model.model.layers.0.attention.wqkv.weight"], 4, 2)
+    q0, k0, v0 = split_grouped_qkv(src["language_model.model.layers.0.attention.wqkv.weight"], 4, 2)
     assert torch.equal(k, k0) and not torch.equal(q, q0) and not torch.equal(v, v0)
     # and by the right amount: rsLoRA scale alpha / sqrt(r), with v's alpha from the pattern
     lora = load_file(str(adapter / "adapter_model.safetensors"))

@@ -86,7 +86,7 @@ def test_merged_weights_are_w_plus_scaled_ba(ws):
     everything else is the base, and no LoRA tensor is left."""
     base, merged = tensors(ws.base), tensors(ws.merged)
     assert set(base) == set(merged) and not any("lora" in k or "base_layer" in k for k in merged)
-    from internvl_lora.merge_stream import hf_native_name
+    from internvl_lora.internvl.format.adapter import hf_native_name
 
     ad = load_file(str(ws.adapter / "adapter_model.safetensors"))
     acfg = json.loads((ws.adapter / "adapter_config.json").read_text())

@@ -179,14 +179,15 @@ def convert(
     base: Optional[str] = typer.Option(None, help="for --adapter: the checkpoint whose config describes the layout"),
 ):
     """Convert a checkpoint (or a LoRA adapter) between the original and the -hf format."""
-    from .internvl import convert as conv
+    from .internvl.format.adapter import convert_adapter
+    from .internvl.format.save import convert_checkpoint
 
     if adapter:
         cfg_path = Path(base or src) / "config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
-        print(conv.convert_adapter(src, dst, to, cfg))
+        print(convert_adapter(src, dst, to, cfg))
     else:
-        print(conv.convert_checkpoint(src, dst, to, reference_original=reference))
+        print(convert_checkpoint(src, dst, to, reference_original=reference))
 
 
 @app.command()

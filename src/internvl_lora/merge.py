@@ -169,7 +169,7 @@ def save_checkpoint(model, tokenizer, base: Path, fmt: str, out: Path, dtype: to
     """Write a merged model into `out` (which must not exist) in the base's format, with every side file
     of the base (tokenizer, processor settings, chat template, `*.py` for original checkpoints)."""
     if fmt == "original":
-        from .internvl.convert import save_original
+        from .internvl.format.save import save_original
 
         save_original(model, base, out, dtype=dtype)
         return
@@ -278,7 +278,8 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | Path | None 
           check: bool = True) -> dict:
     """Merge `adapter_dir` into its base and write OUT atomically; returns the merge report."""
     from .chat import parse_dtype, quiet_loading
-    from .merge_stream import read_adapter, stream_merge
+    from .internvl.format.adapter import read_adapter
+    from .merge_stream import stream_merge
 
     t0 = time.time()
     adapter_dir, out = Path(adapter_dir), Path(out_dir).absolute()

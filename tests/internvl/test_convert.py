@@ -14,7 +14,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from internvl_lora.errors import CheckpointError
-from internvl_lora.internvl import convert as cv
+from internvl_lora.internvl.format.adapter import convert_adapter, pattern_value
+from internvl_lora.internvl.format.config import original_llm_type
+from internvl_lora.internvl.format.config_map import original_config_to_hf
+from internvl_lora.internvl.format.keymap import (
+    fuse_grouped_qkv, hf_key_to_original, hf_to_original_state_dict, original_key_to_hf, original_to_hf_state_dict,
+    split_grouped_qkv,
+)
+from internvl_lora.internvl.format.load import load_original_model
+from internvl_lora.internvl.format.safetensors import read_safetensors_header, weight_files
+from internvl_lora.internvl.format.save import convert_checkpoint, save_original
+from internvl_lora.internvl.format.tokenizer import load_original_tokenizer
 
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "real"
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"real fixtures not found at {FIXTURES}")
@@ -93,7 +103,7 @@ def random_native(cfg: dict, seed: int = 0):
     """A native model for an original config, every parameter random (not the init's constants)."""
     from transformers import InternVLForConditionalGeneration
 
-    model = InternVLForConditionalGeneration(cv.original_config_to_hf(cfg, image_token_id=IMAGE_TOKEN))
+    model = InternVLForConditionalGeneration(original_config_to_hf(cfg, image_token_id=IMAGE_TOKEN))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -104,7 +114,7 @@ def random_native(cfg: dict, seed: int = 0):
 def write_original(folder: Path, cfg: dict, model, *, shards: int = 1, extras: bool = True) -> Path:
     """An original-format checkpoint folder: config.json, safetensors (single or sharded), a .py file."""
     folder.mkdir(parents=True, exist_ok=True)
-    state = cv.hf_to_original_state_dict(model.state_dict(), cfg)
+    state = hf_to_original_state_dict(model.state_dict(), cfg)
     names = sorted(state)
     if shards == 1:
         save_file({k: state[k].clone() for k in names}, str(folder / "model.safetensors"))
@@ -154,17 +164,17 @@ def test_every_real_config_converts_or_is_refused_cleanly():
         rel = str(path.relative_to(FIXTURES))
         if "llm_config" not in cfg:  # the LLM-only GPTQ config of InternVL3_5-1B
             with pytest.raises(CheckpointError, match=re.escape(str(path))):
-                cv.original_config_to_hf(cfg, path)
+                original_config_to_hf(cfg, path)
             refused[rel] = cfg.get("model_type")
             continue
-        hf = cv.original_config_to_hf(cfg, path)
+        hf = original_config_to_hf(cfg, path)
         assert hf.tie_word_embeddings == bool(cfg["llm_config"].get("tie_word_embeddings", False))
         assert hf.image_seq_length == 256 and hf.vision_feature_layer == -1
         assert hf.vision_config.image_size == (448, 448) and hf.vision_config.attention_bias
         with torch.device("meta"):
             model = InternVLForConditionalGeneration(hf)
         assert model.lm_head.weight.shape[0] == cfg["llm_config"]["vocab_size"]
-        covered[rel] = (cv.original_llm_type(cfg), hf.image_token_id)
+        covered[rel] = (original_llm_type(cfg), hf.image_token_id)
     assert covered["InternVL2-1B/config.json"] == ("qwen2", 151648)
     assert covered["InternVL2-2B/config.json"] == ("llama", 92546)
     assert covered["InternVL2_5-8B-MPO/config.json"] == ("llama", 92546)
@@ -174,7 +184,7 @@ def test_every_real_config_converts_or_is_refused_cleanly():
 
 @needs_fixtures
 def test_internlm2_text_config_keeps_rope_and_heads():
-    hf = cv.original_config_to_hf(_real_config("InternVL2-2B"))
+    hf = original_config_to_hf(_real_config("InternVL2-2B"))
     text = hf.text_config
     assert text.model_type == "llama"
     assert text.rope_parameters["rope_type"] == "dynamic" and text.rope_parameters["factor"] == 2.0
@@ -191,13 +201,13 @@ def test_index_of_internvl2_5_8b_maps_exactly_onto_native_parameters():
     cfg = _real_config("InternVL2_5-8B-MPO")
     names = json.loads((FIXTURES / "InternVL2_5-8B-MPO" / "model.safetensors.index.json").read_text())["weight_map"]
     assert len(names) == 573
-    mapped = [h for n in names for h in cv.original_key_to_hf(n, cfg)]
+    mapped = [h for n in names for h in original_key_to_hf(n, cfg)]
     assert len(mapped) == len(set(mapped)) == 573 + 32 * 2 + 24 * 2 * 2  # wqkv -> 3; vision qkv w+b -> 3
     with torch.device("meta"):
-        model = InternVLForConditionalGeneration(cv.original_config_to_hf(cfg))
+        model = InternVLForConditionalGeneration(original_config_to_hf(cfg))
     assert set(mapped) == {n for n, _ in model.named_parameters()}
     # and back
-    back = {o for h in mapped for o in cv.hf_key_to_original(h, cfg)}
+    back = {o for h in mapped for o in hf_key_to_original(h, cfg)}
     assert back == set(names)
 
 
@@ -205,28 +215,28 @@ def test_llm_types_and_refusals(tmp_path):
     def cfg(arch):
         return {"model_type": "internvl_chat", "llm_config": {"architectures": [arch]}}
 
-    assert cv.original_llm_type(cfg("Qwen2ForCausalLM")) == "qwen2"
-    assert cv.original_llm_type(cfg("InternLM2ForCausalLM")) == "llama"
-    assert cv.original_llm_type(cfg("LlamaForCausalLM")) == "llama"
-    assert cv.original_llm_type(cfg("Qwen3ForCausalLM")) == "qwen3"
-    assert cv.original_llm_type(cfg("Qwen3MoeForCausalLM")) == "qwen3_moe"
-    assert cv.original_llm_type(cfg("GptOssForCausalLM")) == "gpt_oss"
-    assert cv.original_llm_type(cfg("Phi3ForCausalLM")) == "phi3"
+    assert original_llm_type(cfg("Qwen2ForCausalLM")) == "qwen2"
+    assert original_llm_type(cfg("InternLM2ForCausalLM")) == "llama"
+    assert original_llm_type(cfg("LlamaForCausalLM")) == "llama"
+    assert original_llm_type(cfg("Qwen3ForCausalLM")) == "qwen3"
+    assert original_llm_type(cfg("Qwen3MoeForCausalLM")) == "qwen3_moe"
+    assert original_llm_type(cfg("GptOssForCausalLM")) == "gpt_oss"
+    assert original_llm_type(cfg("Phi3ForCausalLM")) == "phi3"
     where = tmp_path / "config.json"
     with pytest.raises(CheckpointError, match=r"config\.json.*'MistralForCausalLM'"):
-        cv.original_llm_type(cfg("MistralForCausalLM"), where)
+        original_llm_type(cfg("MistralForCausalLM"), where)
 
 
 @needs_fixtures
 def test_ps_version_v1_and_lora_flags_are_refused(tmp_path):
     cfg = _real_config("InternVL3-2B")
     with pytest.raises(CheckpointError, match="ps_version 'v1'"):
-        cv.original_config_to_hf({**cfg, "ps_version": "v1"}, tmp_path)
+        original_config_to_hf({**cfg, "ps_version": "v1"}, tmp_path)
     absent = {k: v for k, v in cfg.items() if k != "ps_version"}
     with pytest.raises(CheckpointError, match="absent"):
-        cv.original_config_to_hf(absent, tmp_path)
+        original_config_to_hf(absent, tmp_path)
     with pytest.raises(CheckpointError, match=r"config\.json: use_llm_lora=16.*[Mm]erge"):
-        cv.original_config_to_hf({**cfg, "use_llm_lora": 16}, tmp_path)
+        original_config_to_hf({**cfg, "use_llm_lora": 16}, tmp_path)
 
 
 def test_phi3_maps_onto_native_fused_names():
@@ -240,10 +250,10 @@ def test_phi3_maps_onto_native_fused_names():
     cfg = {"model_type": "internvl_chat", "ps_version": "v2", "force_image_size": 56, "llm_config": llm,
            "vision_config": vision}
     with torch.device("meta"):
-        model = InternVLForConditionalGeneration(cv.original_config_to_hf(cfg, image_token_id=IMAGE_TOKEN))
+        model = InternVLForConditionalGeneration(original_config_to_hf(cfg, image_token_id=IMAGE_TOKEN))
     names = {n for n, _ in model.named_parameters()}
     assert "model.language_model.layers.0.self_attn.qkv_proj.weight" in names
-    assert cv.original_key_to_hf("language_model.model.layers.0.mlp.gate_up_proj.weight", cfg) == [
+    assert original_key_to_hf("language_model.model.layers.0.mlp.gate_up_proj.weight", cfg) == [
         "model.language_model.layers.0.mlp.gate_up_proj.weight"]
 
 
@@ -257,11 +267,11 @@ def test_internlm2_split_and_fuse_are_inverses(heads, kv_heads):
     head_dim, hidden = 4, 12
     rows = (heads + 2 * kv_heads) * head_dim
     w = torch.randn(rows, hidden)
-    q, k, v = cv.split_grouped_qkv(w, heads, kv_heads)
+    q, k, v = split_grouped_qkv(w, heads, kv_heads)
     assert q.shape == (heads * head_dim, hidden) and k.shape == v.shape == (kv_heads * head_dim, hidden)
-    assert torch.equal(cv.fuse_grouped_qkv(q, k, v, heads, kv_heads), w)
+    assert torch.equal(fuse_grouped_qkv(q, k, v, heads, kv_heads), w)
     b = torch.randn(rows)
-    assert torch.equal(cv.fuse_grouped_qkv(*cv.split_grouped_qkv(b, heads, kv_heads), heads, kv_heads), b)
+    assert torch.equal(fuse_grouped_qkv(*split_grouped_qkv(b, heads, kv_heads), heads, kv_heads), b)
 
 
 def test_internlm2_split_matches_the_activation_side_rearrangement():
@@ -274,7 +284,7 @@ def test_internlm2_split_matches_the_activation_side_rearrangement():
     fused = (x @ w.T).reshape(3, kv_heads, groups + 2, d)
     q_ref = fused[:, :, :groups].reshape(3, heads * d)
     k_ref, v_ref = fused[:, :, -2].reshape(3, kv_heads * d), fused[:, :, -1].reshape(3, kv_heads * d)
-    q, k, v = cv.split_grouped_qkv(w, heads, kv_heads)
+    q, k, v = split_grouped_qkv(w, heads, kv_heads)
     assert torch.allclose(x @ q.T, q_ref) and torch.allclose(x @ k.T, k_ref) and torch.allclose(x @ v.T, v_ref)
 
 
@@ -284,14 +294,14 @@ def test_internlm2_split_matches_the_activation_side_rearrangement():
 def test_native_original_native_is_bit_identical(name):
     cfg = tiny_configs()[name]
     state = random_native(cfg).state_dict()
-    original = cv.hf_to_original_state_dict(state, cfg)
+    original = hf_to_original_state_dict(state, cfg)
     if name.startswith("internlm2"):
         assert any(k.endswith("attention.wqkv.weight") for k in original)
         assert "language_model.output.weight" in original
     else:
         assert "language_model.model.layers.0.self_attn.q_proj.weight" in original
     assert "vision_model.encoder.layers.1.attn.qkv.bias" in original and "mlp1.3.weight" in original
-    back = cv.original_to_hf_state_dict(original, cfg)
+    back = original_to_hf_state_dict(original, cfg)
     assert set(back) == set(state)
     for k, v in state.items():
         assert torch.equal(back[k], v), k
@@ -302,14 +312,14 @@ def test_moe_experts_stack_and_unstack():
     from transformers import InternVLForConditionalGeneration
 
     cfg = moe_config()
-    model = InternVLForConditionalGeneration(cv.original_config_to_hf(cfg, image_token_id=IMAGE_TOKEN))
+    model = InternVLForConditionalGeneration(original_config_to_hf(cfg, image_token_id=IMAGE_TOKEN))
     state = model.state_dict()
-    original = cv.hf_to_original_state_dict(state, cfg)
+    original = hf_to_original_state_dict(state, cfg)
     assert "language_model.model.layers.1.mlp.experts.3.up_proj.weight" in original
     assert original["language_model.model.layers.1.mlp.experts.3.up_proj.weight"].shape == (16, 32)
-    back = cv.original_to_hf_state_dict(original, cfg)
+    back = original_to_hf_state_dict(original, cfg)
     assert all(torch.equal(back[k], v) for k, v in state.items()) and set(back) == set(state)
-    assert cv.original_key_to_hf("language_model.model.layers.0.mlp.experts.2.gate_proj.weight", cfg) == [
+    assert original_key_to_hf("language_model.model.layers.0.mlp.experts.2.gate_proj.weight", cfg) == [
         "model.language_model.layers.0.mlp.experts.gate_up_proj"]
 
 
@@ -318,10 +328,10 @@ def test_moe_experts_stack_and_unstack():
 def test_other_llm_families_round_trip(arch):
     cfg = synthetic_llm_config(arch)
     state = random_native(cfg).state_dict()
-    original = cv.hf_to_original_state_dict(state, cfg)
+    original = hf_to_original_state_dict(state, cfg)
     llm_keys = [k for k in original if k.startswith("language_model.")]
     assert llm_keys and all(k.startswith(("language_model.model.", "language_model.lm_head.")) for k in llm_keys)
-    back = cv.original_to_hf_state_dict(original, cfg)
+    back = original_to_hf_state_dict(original, cfg)
     assert set(back) == set(state) and all(torch.equal(back[k], v) for k, v in state.items())
 
 
@@ -331,10 +341,10 @@ def test_vit_6b_style_vision_loads_with_the_same_logits(tmp_path):
     native = random_native(cfg)
     state = native.state_dict()
     assert "model.vision_tower.encoder.layer.0.attention.q_norm.weight" in state
-    original = cv.hf_to_original_state_dict(state, cfg)
+    original = hf_to_original_state_dict(state, cfg)
     assert "vision_model.encoder.layers.0.attn.k_norm.weight" in original
     assert "vision_model.encoder.layers.0.attn.qkv.bias" not in original
-    loaded = cv.load_original_model(write_original(tmp_path / "c", cfg, native), image_token_id=IMAGE_TOKEN)
+    loaded = load_original_model(write_original(tmp_path / "c", cfg, native), image_token_id=IMAGE_TOKEN)
     ids, pixels = sample_inputs(native)
     assert torch.equal(logits(loaded, ids, pixels), logits(native, ids, pixels))
 
@@ -342,8 +352,8 @@ def test_vit_6b_style_vision_loads_with_the_same_logits(tmp_path):
 def test_unknown_keys_are_reported():
     cfg = {"model_type": "internvl_chat", "llm_config": {"architectures": ["InternLM2ForCausalLM"]}}
     with pytest.raises(CheckpointError, match="language_model.model.layers.0.attention.rotary_x"):
-        cv.original_key_to_hf("language_model.model.layers.0.attention.rotary_x", cfg)
-    assert cv.original_key_to_hf("language_model.model.layers.0.attention.rotary_emb.inv_freq", cfg) == []
+        original_key_to_hf("language_model.model.layers.0.attention.rotary_x", cfg)
+    assert original_key_to_hf("language_model.model.layers.0.attention.rotary_emb.inv_freq", cfg) == []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,7 +368,7 @@ def test_load_original_model_gives_the_same_logits(tmp_path, name, shards):
     cfg = tiny_configs()[name]
     native = random_native(cfg)
     folder = write_original(tmp_path / "ckpt", cfg, native, shards=shards)
-    loaded = cv.load_original_model(folder, dtype=torch.float32, image_token_id=IMAGE_TOKEN)
+    loaded = load_original_model(folder, dtype=torch.float32, image_token_id=IMAGE_TOKEN)
     ids, pixels = sample_inputs(native)
     assert torch.equal(logits(loaded, ids, pixels), logits(native, ids, pixels))
     loaded_state = loaded.state_dict()
@@ -376,7 +386,7 @@ def test_tied_head_absent_from_checkpoint_is_tied_on_load(tmp_path):
     state = load_file(str(folder / "model.safetensors"))
     del state["language_model.lm_head.weight"]
     save_file(state, str(folder / "model.safetensors"))
-    loaded = cv.load_original_model(folder, image_token_id=IMAGE_TOKEN)
+    loaded = load_original_model(folder, image_token_id=IMAGE_TOKEN)
     assert loaded.lm_head.weight is loaded.model.language_model.embed_tokens.weight
     ids, pixels = sample_inputs(native)
     assert torch.equal(logits(loaded, ids, pixels), logits(native, ids, pixels))
@@ -388,7 +398,7 @@ def test_save_original_reloads_identically(tmp_path, name, shards):
     cfg = tiny_configs()[name]
     native = random_native(cfg)
     source = write_original(tmp_path / "source", cfg, native, shards=shards)
-    out = cv.save_original(native, source, tmp_path / "merged")
+    out = save_original(native, source, tmp_path / "merged")
     # same layout as the source: file names, key placement, index
     if shards > 1:
         src_index = json.loads((source / "model.safetensors.index.json").read_text())
@@ -397,23 +407,23 @@ def test_save_original_reloads_identically(tmp_path, name, shards):
         assert out_index["metadata"]["total_size"] > 0
     else:
         assert not (out / "model.safetensors.index.json").exists()
-    written = cv.weight_files(out)
-    assert sorted(p.name for p in written) == sorted(p.name for p in cv.weight_files(source))
+    written = weight_files(out)
+    assert sorted(p.name for p in written) == sorted(p.name for p in weight_files(source))
     # bf16 from the source's torch_dtype
-    header = cv.read_safetensors_header(next(iter(written)))
+    header = read_safetensors_header(next(iter(written)))
     assert {dtype for dtype, _ in header.values()} == {"BF16"}
     saved_cfg = json.loads((out / "config.json").read_text())
     assert saved_cfg["use_llm_lora"] == 0 and saved_cfg["use_backbone_lora"] == 0
     assert saved_cfg["llm_config"] == cfg["llm_config"]
     for f in ("modeling_internvl_chat.py", "generation_config.json", "tokenizer_config.json"):
         assert (out / f).read_bytes() == (source / f).read_bytes()
-    reloaded = cv.load_original_model(out, dtype=torch.float32, image_token_id=IMAGE_TOKEN)
+    reloaded = load_original_model(out, dtype=torch.float32, image_token_id=IMAGE_TOKEN)
     re_state = reloaded.state_dict()
     for k, v in native.state_dict().items():
         assert torch.equal(re_state[k], v.to(torch.bfloat16).to(torch.float32)), k
     # float32 on request is bit-identical
-    out32 = cv.save_original(native, source, tmp_path / "merged32", dtype=torch.float32)
-    re32 = cv.load_original_model(out32, image_token_id=IMAGE_TOKEN).state_dict()
+    out32 = save_original(native, source, tmp_path / "merged32", dtype=torch.float32)
+    re32 = load_original_model(out32, image_token_id=IMAGE_TOKEN).state_dict()
     assert all(torch.equal(re32[k], v) for k, v in native.state_dict().items())
     assert not list(tmp_path.glob(".merged*"))  # no temporary folders left
 
@@ -426,14 +436,14 @@ def test_save_original_from_a_source_without_weights_resets_lora_flags(tmp_path)
     source.mkdir()
     (source / "config.json").write_text(json.dumps({**cfg, "use_llm_lora": 16}))
     (source / "modeling_internlm2.py").write_text("# code\n")
-    out = cv.save_original(native, source, tmp_path / "out", dtype="float32")
+    out = save_original(native, source, tmp_path / "out", dtype="float32")
     saved = json.loads((out / "config.json").read_text())
     assert saved["use_llm_lora"] == 0 and (out / "modeling_internlm2.py").is_file()
     assert (out / "model.safetensors").is_file() and not (out / "model.safetensors.index.json").exists()
-    re_state = cv.load_original_model(out, image_token_id=IMAGE_TOKEN).state_dict()
+    re_state = load_original_model(out, image_token_id=IMAGE_TOKEN).state_dict()
     assert all(torch.equal(re_state[k], v) for k, v in native.state_dict().items())
     with pytest.raises(CheckpointError, match="not empty"):
-        cv.save_original(native, source, out)
+        save_original(native, source, out)
 
 
 @needs_fixtures
@@ -442,7 +452,7 @@ def test_save_original_refuses_a_model_of_another_shape(tmp_path):
     source = write_original(tmp_path / "source", tiny_configs()["internlm2-InternVL2-2B"],
                             random_native(tiny_configs()["internlm2-InternVL2-2B"]))
     with pytest.raises(CheckpointError, match=r"config\.json: the model does not match"):
-        cv.save_original(native, source, tmp_path / "out")
+        save_original(native, source, tmp_path / "out")
 
 
 @needs_fixtures
@@ -457,7 +467,7 @@ def test_convert_checkpoint_both_ways(tmp_path):
         shutil.copy(FIXTURES / "InternVL2-2B" / f, source / f)
     cfg_f32 = {**cfg, "torch_dtype": "float32"}
     (source / "config.json").write_text(json.dumps(cfg_f32))
-    hf_dir = cv.convert_checkpoint(source, tmp_path / "hf", to="hf")
+    hf_dir = convert_checkpoint(source, tmp_path / "hf", to="hf")
     assert json.loads((hf_dir / "config.json").read_text())["model_type"] == "internvl"
     hf_model = InternVLForConditionalGeneration.from_pretrained(hf_dir)
     assert hf_model.config.image_token_id == 92546  # from the real tokenizer files
@@ -468,20 +478,20 @@ def test_convert_checkpoint_both_ways(tmp_path):
     tok = AutoTokenizer.from_pretrained(hf_dir)
     assert tok.convert_tokens_to_ids("<IMG_CONTEXT>") == 92546 and tok("hi")["input_ids"][0] == 1
 
-    back = cv.convert_checkpoint(hf_dir, tmp_path / "orig2", to="original", reference_original=source)
-    for f in cv.weight_files(source):
+    back = convert_checkpoint(hf_dir, tmp_path / "orig2", to="original", reference_original=source)
+    for f in weight_files(source):
         a, b = load_file(str(f)), load_file(str(back / f.name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (back / "modeling_internvl_chat.py").is_file()
 
     # without a reference a native "llama" is written as an original LlamaForCausalLM (same function)
-    as_llama = cv.convert_checkpoint(hf_dir, tmp_path / "orig3", to="original")
+    as_llama = convert_checkpoint(hf_dir, tmp_path / "orig3", to="original")
     llama_cfg = json.loads((as_llama / "config.json").read_text())
     assert llama_cfg["llm_config"]["architectures"] == ["LlamaForCausalLM"]
     assert llama_cfg["llm_config"]["rope_scaling"]["type"] == "dynamic"
     assert llama_cfg["template"] == "internlm2-chat"  # kept in the -hf config by the first conversion
     assert not list(as_llama.glob("*.py"))
-    reloaded = cv.load_original_model(as_llama)
+    reloaded = load_original_model(as_llama)
     assert reloaded.config.image_token_id == 92546
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in native.state_dict().items())
 
@@ -492,11 +502,11 @@ def test_convert_qwen2_hf_to_original_without_reference(tmp_path):
     native = random_native(cfg)
     native.config.image_token_id = IMAGE_TOKEN
     native.save_pretrained(tmp_path / "hf")
-    out = cv.convert_checkpoint(tmp_path / "hf", tmp_path / "orig", to="original")
+    out = convert_checkpoint(tmp_path / "hf", tmp_path / "orig", to="original")
     written = json.loads((out / "config.json").read_text())
     assert written["model_type"] == "internvl_chat" and written["llm_config"]["architectures"] == ["Qwen2ForCausalLM"]
     assert written["ps_version"] == "v2" and written["force_image_size"] == 56
-    loaded = cv.load_original_model(out, image_token_id=IMAGE_TOKEN)
+    loaded = load_original_model(out, image_token_id=IMAGE_TOKEN)
     ids, pixels = sample_inputs(native)
     assert torch.equal(logits(loaded, ids, pixels), logits(native, ids, pixels))
 
@@ -516,7 +526,7 @@ def test_missing_shard_is_named(checkpoint):
     folder, _ = checkpoint
     (folder / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"model-00002-of-00002\.safetensors.*missing"):
-        cv.load_original_model(folder, image_token_id=IMAGE_TOKEN)
+        load_original_model(folder, image_token_id=IMAGE_TOKEN)
 
 
 def test_shape_mismatch_names_key_file_and_shapes(checkpoint):
@@ -526,14 +536,14 @@ def test_shape_mismatch_names_key_file_and_shapes(checkpoint):
     (folder / "config.json").write_text(json.dumps(bad))
     with pytest.raises(CheckpointError, match=r"model-0000\d-of-00002\.safetensors: tensor 'language_model\.("
                                               r"model\.tok_embeddings|output)\.weight'.*\(128, 32\).*\(130, 32\)"):
-        cv.load_original_model(folder, image_token_id=IMAGE_TOKEN)
+        load_original_model(folder, image_token_id=IMAGE_TOKEN)
 
 
 def test_lora_flags_are_refused(checkpoint):
     folder, cfg = checkpoint
     (folder / "config.json").write_text(json.dumps({**cfg, "use_llm_lora": 16}))
     with pytest.raises(CheckpointError, match=r"config\.json: use_llm_lora=16.*unmerged.*[Mm]erge it first"):
-        cv.load_original_model(folder)
+        load_original_model(folder)
 
 
 def test_corrupt_safetensors_is_named(checkpoint):
@@ -541,10 +551,10 @@ def test_corrupt_safetensors_is_named(checkpoint):
     shard = folder / "model-00001-of-00002.safetensors"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=r"model-00001-of-00002\.safetensors.*(corrupt|truncated)"):
-        cv.load_original_model(folder, image_token_id=IMAGE_TOKEN)
+        load_original_model(folder, image_token_id=IMAGE_TOKEN)
     shard.write_bytes(b"\x00" * 64)
     with pytest.raises(CheckpointError, match=r"model-00001-of-00002\.safetensors"):
-        cv.load_original_model(folder, image_token_id=IMAGE_TOKEN)
+        load_original_model(folder, image_token_id=IMAGE_TOKEN)
 
 
 def test_pickle_weights_are_refused(checkpoint):
@@ -553,7 +563,7 @@ def test_pickle_weights_are_refused(checkpoint):
         f.unlink()
     (folder / "pytorch_model.bin").write_bytes(b"not even read")
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin.*safetensors"):
-        cv.load_original_model(folder)
+        load_original_model(folder)
 
 
 def test_unexpected_and_missing_keys_are_listed(checkpoint):
@@ -567,13 +577,13 @@ def test_unexpected_and_missing_keys_are_listed(checkpoint):
     index["weight_map"]["vision_model.encoder.layers.0.attn.extra.weight"] = shard.name
     index_path.write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=r"do not fit.*attn\.extra\.weight"):
-        cv.load_original_model(folder, image_token_id=IMAGE_TOKEN)
+        load_original_model(folder, image_token_id=IMAGE_TOKEN)
     del index["weight_map"]["vision_model.encoder.layers.0.attn.extra.weight"]
     dropped = "mlp1.1.weight"
     del index["weight_map"][dropped]
     index_path.write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=r"not in the checkpoint: mlp1\.1\.weight"):
-        cv.load_original_model(folder, image_token_id=IMAGE_TOKEN)
+        load_original_model(folder, image_token_id=IMAGE_TOKEN)
 
 
 def test_unmerged_lora_keys_are_refused(checkpoint):
@@ -588,7 +598,7 @@ def test_unmerged_lora_keys_are_refused(checkpoint):
     index["weight_map"][key] = shard.name
     index_path.write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="unmerged LoRA"):
-        cv.load_original_model(folder, image_token_id=IMAGE_TOKEN)
+        load_original_model(folder, image_token_id=IMAGE_TOKEN)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -636,7 +646,7 @@ def test_internlm2_tokenizer_matches_sentencepiece():
     import random
 
     folder = FIXTURES / "InternVL2-2B"
-    tok = cv.load_original_tokenizer(folder)
+    tok = load_original_tokenizer(folder)
     assert len(tok) == 92553
     assert tok.convert_tokens_to_ids("<IMG_CONTEXT>") == 92546
     assert tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<img>", "</img>"]) == [92543, 92542, 92544, 92545]
@@ -656,7 +666,7 @@ def test_internlm2_tokenizer_matches_sentencepiece():
 @needs_fixtures
 @pytest.mark.parametrize("name,img_context", [("InternVL2-1B", 151648), ("InternVL2_5-1B-MPO", 151667)])
 def test_qwen2_tokenizers_load_without_remote_code(name, img_context):
-    tok = cv.load_original_tokenizer(FIXTURES / name)  # InternVL2_5-1B-MPO files have CRLF line ends
+    tok = load_original_tokenizer(FIXTURES / name)  # InternVL2_5-1B-MPO files have CRLF line ends
     assert tok.convert_tokens_to_ids("<IMG_CONTEXT>") == img_context
     assert tok("Hello world")["input_ids"] == [9707, 1879]
     assert tok.eos_token == "<|im_end|>"
@@ -665,7 +675,7 @@ def test_qwen2_tokenizers_load_without_remote_code(name, img_context):
 def test_remote_only_tokenizer_is_refused(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "InternLM3Tokenizer"}))
     with pytest.raises(CheckpointError, match=r"tokenizer_config\.json.*InternLM3Tokenizer"):
-        cv.load_original_tokenizer(tmp_path)
+        load_original_tokenizer(tmp_path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -697,8 +707,8 @@ def _merged_original(adapter: Path, base_original: dict[str, torch.Tensor]) -> d
             continue
         module = key[len("base_model.model."):-len(".lora_A.weight")]
         b = weights[key.replace("lora_A", "lora_B")]
-        r = cv._pattern_value(acfg["rank_pattern"], module, acfg["r"])
-        alpha = cv._pattern_value(acfg["alpha_pattern"], module, acfg["lora_alpha"])
+        r = pattern_value(acfg["rank_pattern"], module, acfg["r"])
+        alpha = pattern_value(acfg["alpha_pattern"], module, acfg["lora_alpha"])
         assert r == a.shape[0]
         merged[module + ".weight"] += (alpha / r) * (b.double() @ a.double()).float()
     return merged
@@ -715,7 +725,7 @@ def test_adapter_native_to_original_and_back_is_exact(tmp_path, name):
     hf_adapter = _lora_adapter(base, tmp_path, targets)
     merged_native = PeftModel.from_pretrained(copy.deepcopy(base), hf_adapter).merge_and_unload().state_dict()
 
-    orig_adapter = cv.convert_adapter(hf_adapter, tmp_path / "adapter_orig", to="original", cfg=cfg)
+    orig_adapter = convert_adapter(hf_adapter, tmp_path / "adapter_orig", to="original", cfg=cfg)
     acfg = json.loads((orig_adapter / "adapter_config.json").read_text())
     keys = load_file(str(orig_adapter / "adapter_model.safetensors")).keys()
     if name.startswith("internlm2"):
@@ -726,14 +736,14 @@ def test_adapter_native_to_original_and_back_is_exact(tmp_path, name):
         assert "base_model.model.language_model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
         assert acfg["rank_pattern"] == {} and acfg["alpha_pattern"] == {}
     # the original-layout adapter, applied by hand, gives the natively merged weights
-    base_original = cv.hf_to_original_state_dict(base.state_dict(), cfg)
-    expected = cv.hf_to_original_state_dict(merged_native, cfg)
+    base_original = hf_to_original_state_dict(base.state_dict(), cfg)
+    expected = hf_to_original_state_dict(merged_native, cfg)
     got = _merged_original(orig_adapter, base_original)
     for k in expected:
         assert torch.allclose(got[k], expected[k], atol=1e-5), k
 
     # and back to the native layout: loads with PEFT and merges to the same weights
-    back = cv.convert_adapter(orig_adapter, tmp_path / "adapter_back", to="hf", cfg=cfg)
+    back = convert_adapter(orig_adapter, tmp_path / "adapter_back", to="hf", cfg=cfg)
     merged_back = PeftModel.from_pretrained(copy.deepcopy(base), back).merge_and_unload().state_dict()
     for k, v in merged_native.items():
         assert torch.allclose(merged_back[k], v, atol=1e-5), k
@@ -744,9 +754,9 @@ def test_adapter_fuse_keeps_rank_when_the_q_k_v_lora_came_from_a_split(tmp_path)
     cfg = tiny_configs()["internlm2-InternVL2-2B"]
     base = random_native(cfg)
     hf_adapter = _lora_adapter(base, tmp_path, r".*language_model.*\.(q_proj|k_proj|v_proj)")
-    orig = cv.convert_adapter(hf_adapter, tmp_path / "o1", to="original", cfg=cfg)
-    split = cv.convert_adapter(orig, tmp_path / "h1", to="hf", cfg=cfg)  # same A for q, k, v now
-    refused = cv.convert_adapter(split, tmp_path / "o2", to="original", cfg=cfg)
+    orig = convert_adapter(hf_adapter, tmp_path / "o1", to="original", cfg=cfg)
+    split = convert_adapter(orig, tmp_path / "h1", to="hf", cfg=cfg)  # same A for q, k, v now
+    refused = convert_adapter(split, tmp_path / "o2", to="original", cfg=cfg)
     a1, a2 = load_file(str(orig / "adapter_model.safetensors")), load_file(str(refused / "adapter_model.safetensors"))
     key = "base_model.model.language_model.model.layers.0.attention.wqkv.lora_A.weight"
     assert a1[key].shape[0] == 12
@@ -759,7 +769,7 @@ def test_adapter_dora_is_refused(tmp_path):
     save_file({"base_model.model.x.lora_A.weight": torch.zeros(1)}, str(tmp_path / "adapter_model.safetensors"))
     cfg = {"model_type": "internvl_chat", "llm_config": {"architectures": ["Qwen2ForCausalLM"]}}
     with pytest.raises(CheckpointError, match=r"adapter_config\.json: use_dora=True.*merge"):
-        cv.convert_adapter(tmp_path, tmp_path / "out", to="original", cfg=cfg)
+        convert_adapter(tmp_path, tmp_path / "out", to="original", cfg=cfg)
 
 
 @needs_fixtures
@@ -779,7 +789,7 @@ def test_adapter_with_partial_qkv_embedding_lora_and_saved_modules(tmp_path):
     peft_model.save_pretrained(tmp_path / "a")
     merged = copy.deepcopy(peft_model).merge_and_unload().state_dict()
 
-    orig = cv.convert_adapter(tmp_path / "a", tmp_path / "o", to="original", cfg=cfg)
+    orig = convert_adapter(tmp_path / "a", tmp_path / "o", to="original", cfg=cfg)
     acfg = json.loads((orig / "adapter_config.json").read_text())
     assert acfg["modules_to_save"] == ["language_model.output"]
     assert "language_model.model.tok_embeddings" in acfg["target_modules"]
@@ -789,7 +799,7 @@ def test_adapter_with_partial_qkv_embedding_lora_and_saved_modules(tmp_path):
     wqkv_a = "base_model.model.language_model.model.layers.0.attention.wqkv.lora_A.weight"
     assert load_file(str(orig / "adapter_model.safetensors"))[wqkv_a].shape[0] == 4  # q and v: 2 + 2
 
-    back = cv.convert_adapter(orig, tmp_path / "h", to="hf", cfg=cfg)
+    back = convert_adapter(orig, tmp_path / "h", to="hf", cfg=cfg)
     reloaded = PeftModel.from_pretrained(copy.deepcopy(base), back).merge_and_unload().state_dict()
     for k, v in merged.items():
         assert torch.allclose(reloaded[k], v, atol=1e-5), k
@@ -821,8 +831,8 @@ def test_adapter_layout_from_an_hf_config_folder(tmp_path):
     base.config.image_token_id = IMAGE_TOKEN
     base.save_pretrained(tmp_path / "hf")
     adapter = _lora_adapter(base, tmp_path, r".*language_model.*\.(q_proj|o_proj)")
-    out = cv.convert_adapter(adapter, tmp_path / "o", to="original", cfg=tmp_path / "hf")
+    out = convert_adapter(adapter, tmp_path / "o", to="original", cfg=tmp_path / "hf")
     keys = load_file(str(out / "adapter_model.safetensors")).keys()
     assert "base_model.model.language_model.model.layers.1.self_attn.o_proj.lora_B.weight" in keys
     with pytest.raises(CheckpointError, match="needs the model's config"):
-        cv.convert_adapter(adapter, tmp_path / "o2", to="original", cfg=None)
+        convert_adapter(adapter, tmp_path / "o2", to="original", cfg=None)

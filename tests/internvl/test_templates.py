@@ -851,9 +851,9 @@ def test_segmentwise_accepts_empty_answers_like_official():
 
 def test_load_original_tokenizer_matches_sentencepiece_reference():
     try:
-        from internvl_lora.internvl.convert import load_original_tokenizer
+        from internvl_lora.internvl.format.tokenizer import load_original_tokenizer
     except ImportError:
-        pytest.skip("internvl_lora.internvl.convert.load_original_tokenizer does not exist yet")
+        pytest.skip("internvl_lora.internvl.format.tokenizer.load_original_tokenizer does not exist yet")
     ref = internlm2_tokenizer()
     fast = _converted_internlm2(load_original_tokenizer)
     for name in ("internlm2-chat", "internvl2_5"):
@@ -871,9 +871,9 @@ def test_load_original_tokenizer_matches_sentencepiece_reference():
 @given(data=st.data())
 def test_load_original_tokenizer_generated_conversations(data):
     try:
-        from internvl_lora.internvl.convert import load_original_tokenizer
+        from internvl_lora.internvl.format.tokenizer import load_original_tokenizer
     except ImportError:
-        pytest.skip("internvl_lora.internvl.convert.load_original_tokenizer does not exist yet")
+        pytest.skip("internvl_lora.internvl.format.tokenizer.load_original_tokenizer does not exist yet")
     fast = _converted_internlm2(load_original_tokenizer)
     ref = internlm2_tokenizer()
     turns, system = data.draw(conversations(text=NONBLANK))

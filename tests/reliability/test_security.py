@@ -10,7 +10,7 @@ import pytest
 from internvl_lora.demo import prepare
 from internvl_lora.errors import CheckpointError
 from internvl_lora.internvl.checkpoint import load_model, load_tokenizer
-from internvl_lora.internvl.convert import convert_checkpoint
+from internvl_lora.internvl.format.save import convert_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ Two formats exist:
 - "hf": transformers-native `InternVLForConditionalGeneration` (config `model_type: internvl`), e.g.
   `OpenGVLab/InternVL3-1B-hf`, and the tiny demo model.
 - "original": the remote-code `InternVLChatModel` (config `model_type: internvl_chat`), e.g.
-  `OpenGVLab/InternVL3-8B`. It is converted on load by our own key/config mapping (`convert.py`);
+  `OpenGVLab/InternVL3-8B`. It is converted on load by our own key/config mapping (the `format` package);
   no checkpoint code is ever run.
 
 `inspect_checkpoint` reads only config and processor files, so data tools can use it without weights.
@@ -12,12 +12,12 @@ Two formats exist:
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError
 from .constants import IMG_CONTEXT_TOKEN, NORMALIZE
+from .format.config import HF_DEFAULT_TEMPLATE, HF_TEMPLATE_BY_LLM, original_llm_type, read_json
 
 
 @dataclass
@@ -40,24 +40,8 @@ class CheckpointInfo:
         return asdict(self)
 
 
-# -hf checkpoints carry no template name. The official scripts train every InternVL2.5 / 3 / 3.5
-# model with `internvl2_5`, and the GPT-OSS variant with its own template; the -hf releases are of
-# those families only (InternVL2 was never converted upstream).
-HF_TEMPLATE_BY_LLM = {"gpt_oss": "internvl3_5_gpt_oss"}
-HF_DEFAULT_TEMPLATE = "internvl2_5"
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found; is this a checkpoint folder?") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-
-
 def detect_format(path: str | Path) -> str:
-    cfg = read_json(Path(path) / "config.json")
+    cfg = read_json(Path(path) / "config.json", checkpoint_file=True)
     model_type = cfg.get("model_type")
     if model_type == "internvl":
         return "hf"
@@ -81,7 +65,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a folder; give the path of a checkpoint folder")
     fmt = detect_format(path)
-    cfg = read_json(path / "config.json")
+    cfg = read_json(path / "config.json", checkpoint_file=True)
     if fmt == "hf":
         vision = cfg.get("vision_config", {})
         image_size = vision.get("image_size", 448)
@@ -91,7 +75,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         ratio = cfg.get("downsample_ratio", 0.5)
         tokens = int((image_size // patch) ** 2 * ratio**2)
         proc_path = path / "preprocessor_config.json"
-        proc = read_json(proc_path) if proc_path.exists() else {}
+        proc = read_json(proc_path, checkpoint_file=True) if proc_path.exists() else {}
         llm_type = cfg.get("text_config", {}).get("model_type", "qwen2")
         return CheckpointInfo(
             path=str(path), format="hf",
@@ -106,8 +90,6 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
             normalize_type=_normalize_type(proc.get("image_mean")),
             llm_type=llm_type,
         )
-    from .convert import original_llm_type
-
     image_size = int(cfg.get("force_image_size") or cfg.get("vision_config", {}).get("image_size", 448))
     patch = int(cfg.get("vision_config", {}).get("patch_size", 14))
     ratio = float(cfg.get("downsample_ratio", 0.5))
@@ -131,7 +113,7 @@ def load_tokenizer(path: str | Path):
 
     path = Path(path)
     if detect_format(path) == "original":
-        from .convert import load_original_tokenizer
+        from .format.tokenizer import load_original_tokenizer
 
         tokenizer = load_original_tokenizer(path)
     else:
@@ -151,7 +133,7 @@ def load_model(path: str | Path, dtype=None, device: str | None = None):
     path = Path(path)
     dtype = dtype or torch.float32
     if detect_format(path) == "original":
-        from .convert import load_original_model
+        from .format.load import load_original_model
 
         model = load_original_model(path, dtype=dtype)
     else:

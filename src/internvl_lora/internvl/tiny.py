@@ -102,7 +102,7 @@ def build_tiny_checkpoint(out_dir: str | Path, extra_corpus: list[str] | None = 
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     # The -hf processor settings InternVL releases carry (448 px tiles there, TILE_SIZE here).
-    from .convert import preprocessor_config
+    from .format.config_map import preprocessor_config
 
     settings = preprocessor_config({"force_image_size": TILE_SIZE, "max_dynamic_patch": max_dynamic_patch,
                                     "min_dynamic_patch": 1, "dynamic_image_size": True})
