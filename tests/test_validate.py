@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from internvl_lora.chat import build_inputs, load_for_inference
+from internvl_lora.infer import build_inputs, load_for_inference
 from internvl_lora.merge import merge
 from internvl_lora.validate import evaluate, heldout_samples, loss_curve_of, run_folder_of, validate
 

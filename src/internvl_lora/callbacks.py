@@ -391,7 +391,7 @@ class GenerationEval(TrainerCallback):
         self.results: list[dict] = []
 
     def evaluate(self, model, device) -> dict:
-        from .chat import Loaded, build_inputs, generate
+        from .infer import Loaded, build_inputs, generate
         from .metrics import aggregate, score
 
         rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if _dist_ready() else (0, 1)

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .chat import RUN_META, Loaded, build_inputs, generate, load_for_inference
 from .data.audit import Problem
 from .data.records import load_meta, parse_record, read_lines
 from .errors import DataError, UserError
+from .infer import RUN_META, Loaded, build_inputs, generate, load_for_inference
 from .metrics import aggregate, score
 
 
