@@ -29,7 +29,7 @@ def demo(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def shared_run(tmp_path_factory) -> Path:
     """A tiny model, its synthetic data and an LLM-LoRA run (16 steps, 2 tiles per image at most),
-    built once per test session and shared by tests/test_chat.py and tests/test_validate.py."""
+    built once per test session and shared by tests/test_chat.py, tests/test_infer.py and tests/test_validate.py."""
     from internvl_lora.config import load_config
     from internvl_lora.demo import prepare
     from internvl_lora.train import train

@@ -252,7 +252,7 @@ def test_loss_curve_png(tmp_path):
 
 
 def test_generation_metric_scores_what_the_model_answers(demo, monkeypatch):
-    import internvl_lora.chat as chat
+    import internvl_lora.infer as infer
     from internvl_lora.callbacks import GenerationEval, generation_samples
     from internvl_lora.data.records import load_meta, read_lines
     from internvl_lora.data.encode import EncodeSettings
@@ -265,7 +265,7 @@ def test_generation_metric_scores_what_the_model_answers(demo, monkeypatch):
     settings = EncodeSettings.from_checkpoint(inspect_checkpoint(model_path))
     g = GenerationEval(samples, load_tokenizer(model_path), settings, every=1, batch_size=2)
     answers = iter([s["reference"] for s in samples[:2]] + ["purple"])
-    monkeypatch.setattr(chat, "generate", lambda loaded, batch, n: [next(answers) for _ in batch])
+    monkeypatch.setattr(infer, "generate", lambda loaded, batch, n: [next(answers) for _ in batch])
     m = g.evaluate(torch.nn.Linear(1, 1), "cpu")
     assert m["eval_gen_samples"] == 3
     assert m["eval_gen_exact_match"] == pytest.approx(2 / 3)

@@ -1,5 +1,5 @@
-"""chat: the merged checkpoint answers as the adapter folder does, tiling comes from the run, sessions keep
-their images, video frames, and through the CLI stdout holds the answer lines and nothing else."""
+"""chat: the merged checkpoint answers as the adapter folder does, sessions keep their images, video
+frames, and through the CLI stdout holds the answer lines and nothing else."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from internvl_lora.chat import (
-    ChatSession, build_inputs, chat_once, generate, image_tiles, interactive, load_for_inference,
-)
+from internvl_lora.chat import ChatSession, chat_once, interactive
+from internvl_lora.infer import build_inputs, generate, image_tiles, load_for_inference
 from internvl_lora.internvl.constants import IMG_CONTEXT_TOKEN
 from internvl_lora.merge import merge
 
@@ -31,17 +30,6 @@ def ws(tmp_path_factory, shared_run):
     images = [str(d / "data" / r["image"]) for r in single[:3]]
     return SimpleNamespace(dir=d, base=d / "model", adapter=adapter, merged=merged, images=images,
                            adapter_model=load_for_inference(adapter), merged_model=load_for_inference(merged))
-
-
-def test_tiling_comes_from_the_run_not_the_checkpoint(ws):
-    assert json.loads((ws.base / "preprocessor_config.json").read_text())["max_patches"] == 6
-    for loaded in (ws.adapter_model, ws.merged_model):
-        assert loaded.settings.max_dynamic_patch == 2
-    assert json.loads((ws.merged / "preprocessor_config.json").read_text())["max_patches"] == 2
-    wide = ws.dir / "wide.png"
-    Image.new("RGB", (400, 100), (200, 30, 30)).save(wide)
-    _, counts = image_tiles([str(wide)], ws.merged_model.settings)
-    assert counts == [3]  # 2 tiles + thumbnail (the checkpoint's 6 would give 4 + 1)
 
 
 def test_merged_model_answers_like_the_adapter_folder(ws):
@@ -70,24 +58,6 @@ def test_session_keeps_the_images_in_the_history(ws):
     no_image, _ = build_inputs("Are you sure?", [], loaded.settings, loaded.tokenizer,
                                history=[("What color is the shape?", a1)])
     assert no_image.count(context) == 0 and no_image != ids
-
-
-def test_placeholders_in_history_are_counted(ws):
-    loaded = ws.merged_model
-    context = loaded.tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
-    two = ws.images[:2]
-    ids, pixels = build_inputs("Which one is red?", two, loaded.settings, loaded.tokenizer,
-                               history=[("Image-1: <image>\nImage-2: <image>\nLook at these.", "ok")])
-    _, counts = image_tiles(two, loaded.settings)
-    assert ids.count(context) == sum(counts) * loaded.settings.tokens_per_tile
-    assert pixels.shape[0] == sum(counts)
-    prompt = loaded.tokenizer.decode(ids)
-    assert prompt.count("<img>") == 2 and "Image-1: <img>" in prompt and "Which one is red?" in prompt
-    from internvl_lora.errors import UserError
-
-    with pytest.raises(UserError, match="placeholder"):
-        build_inputs("<image>\nAnd this?", two, loaded.settings, loaded.tokenizer,
-                     history=[("Image-1: <image>\nImage-2: <image>\nLook.", "ok")])
 
 
 def test_video_frames(ws, tmp_path):

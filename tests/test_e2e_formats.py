@@ -57,7 +57,7 @@ def _probe_logits(model_dir: Path, adapter: Path | None, base: Path) -> torch.Te
     """Logits of a probe with an image, computed here (not by merge's own check)."""
     from peft import PeftModel
 
-    from internvl_lora.chat import build_inputs, settings_for
+    from internvl_lora.infer import build_inputs, settings_for
     from internvl_lora.internvl.checkpoint import inspect_checkpoint, load_model, load_tokenizer
     from internvl_lora.merge import logits_of, probe_image
 
@@ -103,7 +103,8 @@ def test_original_base_merges_back_to_original_keys(orig, tmp_path):
     assert (with_adapter - without).abs().max() > 1e-2
 
     # chat: the merged original checkpoint answers as the adapter folder does
-    from internvl_lora.chat import ChatSession, load_for_inference
+    from internvl_lora.chat import ChatSession
+    from internvl_lora.infer import load_for_inference
 
     img = str(next((orig.dir / "data" / "images").glob("*.png")))
     loaded = {name: load_for_inference(path) for name, path in (("adapter", orig.adapter), ("merged", out))}

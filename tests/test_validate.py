@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from internvl_lora.chat import build_inputs, load_for_inference
+from internvl_lora.data.heldout import heldout_samples
+from internvl_lora.data.records import load_meta, read_lines
+from internvl_lora.infer import build_inputs, load_for_inference
 from internvl_lora.merge import merge
-from internvl_lora.validate import evaluate, heldout_samples, loss_curve_of, run_folder_of, validate
+from internvl_lora.validate import evaluate, loss_curve_of, run_folder_of, validate
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def ws(tmp_path_factory, shared_run):
     adapter = d / "run" / "adapter"
     merged = tmp_path_factory.mktemp("validate") / "elsewhere" / "merged"  # found through `merged_from`
     merge(adapter, merged)
-    samples, problems = heldout_samples(str(d / "data" / "heldout_meta.json"))
+    samples, problems = heldout_samples(read_lines(load_meta(str(d / "data" / "heldout_meta.json"))))
     return SimpleNamespace(dir=d, base=d / "model", adapter=adapter, run=adapter.parent, merged=merged,
                            samples=samples, problems=problems)
 

@@ -350,27 +350,11 @@ class Watchdog(TrainerCallback):
 
 def generation_samples(lines, limit: int) -> list[dict]:
     """(question, history, images, reference) of the first `limit` held-out lines (image or text samples)."""
-    from .data.records import parse_record
-    from .errors import DataError
+    from .data.heldout import heldout_samples
 
-    samples, seen = [], set()
-    for ln in lines:
-        if len(samples) >= limit:
-            break
-        if ln.index in seen:
-            continue
-        seen.add(ln.index)
-        try:
-            rec = parse_record(ln)
-        except DataError:
-            continue
-        if rec.video:
-            continue
-        turns = rec.turns
-        history = [(turns[k][1], turns[k + 1][1]) for k in range(0, len(turns) - 2, 2)]
-        samples.append({"question": turns[-2][1], "history": history, "images": rec.images,
-                        "reference": turns[-1][1], "system": rec.system})
-    return samples
+    if limit < 1:  # train.generate_samples 0: no sample (heldout_samples reads 0 as "all")
+        return []
+    return heldout_samples(lines, limit)[0]  # the audit of the held-out data has reported its problems
 
 
 class GenerationEval(TrainerCallback):
@@ -391,7 +375,7 @@ class GenerationEval(TrainerCallback):
         self.results: list[dict] = []
 
     def evaluate(self, model, device) -> dict:
-        from .chat import Loaded, build_inputs, generate
+        from .infer import Loaded, build_inputs, generate
         from .metrics import aggregate, score
 
         rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if _dist_ready() else (0, 1)

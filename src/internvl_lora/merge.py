@@ -45,9 +45,9 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .chat import RUN_META, build_inputs, read_run_meta, settings_for
 from .data.encode import EncodeSettings
 from .errors import UserError
+from .infer import RUN_META, build_inputs, parse_dtype, quiet_loading, read_run_meta, settings_for
 from .internvl.checkpoint import inspect_checkpoint, load_model, load_tokenizer
 
 # Max |logit difference| allowed between the adapter model and the merged model, relative to the
@@ -277,7 +277,6 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | Path | None 
           dtype: torch.dtype | str | None = None, overwrite: bool = False, streaming: bool = False,
           check: bool = True) -> dict:
     """Merge `adapter_dir` into its base and write OUT atomically; returns the merge report."""
-    from .chat import parse_dtype, quiet_loading
     from .internvl.format.adapter import read_adapter
     from .merge_stream import stream_merge
 

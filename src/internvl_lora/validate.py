@@ -21,32 +21,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .chat import RUN_META, Loaded, build_inputs, generate, load_for_inference
-from .data.audit import Problem
-from .data.records import load_meta, parse_record, read_lines
-from .errors import DataError, UserError
+from .data.heldout import heldout_samples
+from .data.records import load_meta, read_lines
+from .errors import UserError
+from .infer import RUN_META, Loaded, build_inputs, generate, load_for_inference
 from .metrics import aggregate, score
-
-
-def heldout_samples(data: str, limit: int | None = None) -> tuple[list[dict], list[Problem]]:
-    """(question, history, images, reference) per valid held-out record; problems are returned, not hidden."""
-    samples, problems = [], []
-    for ln in read_lines(load_meta(data)):
-        try:
-            rec = parse_record(ln)
-        except DataError as e:
-            problems.append(Problem(e.kind, e.path, e.line, e.detail))
-            continue
-        if rec.video:
-            problems.append(Problem("unsupported", ln.path, ln.line, "video samples are not validated yet"))
-            continue
-        turns = rec.turns
-        history = [(turns[k][1], turns[k + 1][1]) for k in range(0, len(turns) - 2, 2)]
-        samples.append({"index": ln.index, "source": f"{ln.path}:{ln.line}", "question": turns[-2][1],
-                        "history": history, "images": rec.images, "reference": turns[-1][1], "system": rec.system})
-        if limit and len(samples) >= limit:
-            break
-    return samples, problems
 
 
 def answer_all(loaded: Loaded, samples: list[dict], batch_size: int, max_new_tokens: int, blank: bool,
@@ -116,7 +95,7 @@ def loss_curve_of(tuned: str | Path) -> list[tuple[int, float]] | None:
 def validate(base: str, tuned: str, data: str, out_dir: str, batch_size: int = 8, max_new_tokens: int = 32,
              limit: int | None = None, blank_images: bool = False) -> dict:
     t0 = time.time()
-    samples, problems = heldout_samples(data, limit)
+    samples, problems = heldout_samples(read_lines(load_meta(data)), limit)
     if not samples:
         raise UserError(f"{data}: no valid held-out sample" + (f" ({len(problems)} with problems)" if problems else ""))
     out = Path(out_dir)
