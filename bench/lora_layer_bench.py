@@ -5,8 +5,8 @@ costs on top of the frozen base projection, and what each variant of it costs.
 
 Variants (milliseconds per forward + backward, input gradient included, the same random data):
 - base: the frozen projection alone (y = x W^T, grad_x = g W): the floor;
-- torch: `fast._LoraLinear` with torch's dropout (dropout 0.05);
-- kernels: the same with the dropout inside the Triton kernels (`internvl_lora.kernels`), as training
+- torch: `lora.fused._LoraLinear` with torch's dropout (dropout 0.05);
+- kernels: the same with the dropout inside the Triton kernels (`internvl_lora.lora.kernels`), as training
   runs it on a GPU;
 - nodrop: without dropout (what the dropout's mask costs).
 Prints one JSON line per shape. --sweep first times each Triton kernel alone over a grid of tile
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from internvl_lora import fast  # noqa: E402
+from internvl_lora.lora import fused  # noqa: E402
 
 SHAPES = {"q/o": (3584, 3584), "k/v": (3584, 512), "gate/up": (3584, 18944), "down": (18944, 3584)}
 
@@ -34,9 +34,9 @@ def _step(variant, x, w, a, b, g):
     if variant == "base":
         F.linear(x, w).backward(g)
     elif variant == "nodrop":
-        fast._LoraLinear.apply(x, w, None, a, b, 2.0, 0.0, x.dtype).backward(g)
+        fused._LoraLinear.apply(x, w, None, a, b, 2.0, 0.0, x.dtype).backward(g)
     else:
-        fast._LoraLinear.apply(x, w, None, a, b, 2.0, 0.05, x.dtype, variant == "kernels").backward(g)
+        fused._LoraLinear.apply(x, w, None, a, b, 2.0, 0.05, x.dtype, variant == "kernels").backward(g)
 
 
 def time_ms(variant, t, k, n, reps=20):
@@ -78,7 +78,7 @@ def sweep(t):
     import copy
     import itertools
 
-    from internvl_lora import kernels
+    from internvl_lora.lora import kernels
 
     bf = torch.bfloat16
     grid = {"forward": [dict(rows=r, warps=w, stages=s, per_sm=m) for r, w, s, m in

@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 2 bench/multi_gpu.py --size 1b --backend zero3 --steps 3 --accum 2 --text-only-rank 1 \
         --merge .bench_tokenizer                                                            # + save, merge, parity
 
-What runs: `lora.apply_policy` (LoRA r16 on the LLM), `train.InternVLTrainer` with `Trainer.train()`,
+What runs: `lora.policy.apply_policy` (LoRA r16 on the LLM), `train.InternVLTrainer` with `Trainer.train()`,
 `data.dataset.PadCollator`, bf16, lr 4e-5 cosine with 3 % warmup, weight decay 0.05, activation
 checkpointing, per-device batch 4. Samples as in bench/train_step_bench.py; with `--text-only-rank R`
 every micro-batch that rank R receives is text-only (no tiles), the case that hangs ZeRO-3 when the
@@ -53,7 +53,7 @@ from internvl_lora.data.dataset import PadCollator  # noqa: E402
 from internvl_lora.internvl.checkpoint import inspect_checkpoint  # noqa: E402
 from internvl_lora.internvl.constants import IMG_CONTEXT_TOKEN  # noqa: E402
 from internvl_lora.internvl.format.config_map import preprocessor_config  # noqa: E402
-from internvl_lora.lora import apply_policy  # noqa: E402
+from internvl_lora.lora.policy import apply_policy  # noqa: E402
 from internvl_lora.train import InternVLTrainer  # noqa: E402
 
 DS = {

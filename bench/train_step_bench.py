@@ -3,7 +3,7 @@
     python bench/train_step_bench.py --sizes 1b,8b --modes packed,padded [--steps 10]
 
 What runs: the model built from a real-shaped config (InternViT-300M + Qwen2.5 LLM of InternVL3-1B /
-2B / 8B), our LoRA policy (`lora.apply_policy`: r16 on the LLM, vision and projector frozen), our
+2B / 8B), our LoRA policy (`lora.policy.apply_policy`: r16 on the LLM, vision and projector frozen), our
 collators (`fast.PackedCollator` or `data.dataset.PadCollator`), our `train.InternVLTrainer` driven by
 `Trainer.train()` with bf16 and AdamW — only the dataset is synthetic (no tokenizer, no images: ids
 and random tiles). Samples follow ../shared/bench/naive_lora_step.py exactly (same RNG, same draws):
@@ -44,7 +44,7 @@ from internvl_lora.config import DataArgs, PolicyArgs, RunConfig, TrainArgs  # n
 from internvl_lora.data.batching import TokenBudgetBatchSampler  # noqa: E402
 from internvl_lora.data.dataset import PadCollator  # noqa: E402
 from internvl_lora.fast import PackedCollator, register_varlen_attention  # noqa: E402
-from internvl_lora.lora import apply_policy  # noqa: E402
+from internvl_lora.lora.policy import apply_policy  # noqa: E402
 from internvl_lora.train import InternVLTrainer, _CheckpointShare, speed_options, training_arguments  # noqa: E402
 
 VIT_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=448, patch_size=14)
@@ -322,12 +322,12 @@ if __name__ == "__main__":
     ap.add_argument("--out", default="/tmp/bench_run")
     ap.add_argument("--lora-kernels", type=int, default=1, help="train.lora_kernels (0/1)")
     ap.add_argument("--fused-mlp", type=int, default=1, help="train.fused_mlp (0/1)")
-    ap.add_argument("--kernel-config", default="", help="JSON {G, config} for internvl_lora.kernels (the last line of lora_layer_bench.py --sweep)")
+    ap.add_argument("--kernel-config", default="", help="JSON {G, config} for internvl_lora.lora.kernels (the last line of lora_layer_bench.py --sweep)")
     ap.add_argument("--cudnn-sdpa", action="store_true", help="keep SDPA's cuDNN backend on (A/B)")
     ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (the recipe's 0.05)")
     a = ap.parse_args()
     if a.kernel_config:
-        from internvl_lora import kernels
+        from internvl_lora.lora import kernels
 
         tuned = json.loads(a.kernel_config)  # the last line of lora_layer_bench.py --sweep
         kernels.G = tuned.get("G", kernels.G)

@@ -42,3 +42,37 @@ def shared_run(tmp_path_factory) -> Path:
                                 "train.logging_steps=1", "train.save_steps=1000", "data.max_dynamic_patch=2"]))
         (root / "done").touch()
     return root
+
+
+class _LoraBlock(torch.nn.Module):
+    """Three projections of one input (like q/k/v) and one of a wider input (like down_proj)."""
+
+    def __init__(self, d=24, wide=40):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(d, d, bias=False) for _ in range(3))
+        self.up = torch.nn.Linear(d, wide, bias=False)
+        self.down = torch.nn.Linear(wide, d, bias=False)
+
+    def forward(self, x):
+        h = self.q(x) * self.k(x).sigmoid() + self.v(x)
+        return self.down(torch.nn.functional.silu(self.up(h)))
+
+
+def _peft_block(dropout, seed=0, dtype=torch.float32):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    base = _LoraBlock().to(dtype)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                            target_modules=["q", "k", "v", "up", "down"], init_lora_weights="gaussian"))
+    for name, p in model.named_parameters():  # B != 0 so that every gradient path is exercised
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+@pytest.fixture
+def peft_block():
+    """peft_block(dropout, seed=0, dtype=torch.float32): a small PEFT model, LoRA (r=4) on five plain
+    projections, seeded; used by the fused-LoRA tests (tests/lora/test_fused.py) and the speed-option tests."""
+    return _peft_block

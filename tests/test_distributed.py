@@ -142,7 +142,7 @@ def _setup(demo, tmp_path, policy: PolicyArgs):
     from transformers import TrainingArguments
 
     from internvl_lora.internvl.checkpoint import inspect_checkpoint, load_model, load_tokenizer
-    from internvl_lora.lora import apply_policy
+    from internvl_lora.lora.policy import apply_policy
     from internvl_lora.train import InternVLTrainer, encode_settings
 
     torch.manual_seed(0)

@@ -39,13 +39,14 @@ from .data.batching import TokenBudgetBatchSampler
 from .data.dataset import PadCollator, SupervisedDataset
 from .fast import (
     HOST_SIDE_KEYS, HostSide, PackedCollator, apply_liger, checkpoint_some_layers, chunk_output_layer,
-    compile_layers, fuse_lora_layers, fuse_swiglu_mlps, loss_weights, register_varlen_attention, trained_positions_loss,
+    compile_layers, loss_weights, register_varlen_attention, trained_positions_loss,
 )
 from .data.encode import EncodeSettings
 from .data.records import load_meta
 from .errors import UserError
 from .internvl.checkpoint import CheckpointInfo, inspect_checkpoint, load_model, load_tokenizer
-from .lora import MUTATING_INITS, apply_policy, format_table, is_peft, save_initial_adapter, trainable_table
+from .lora.fused import fuse_lora_layers, fuse_swiglu_mlps
+from .lora.policy import MUTATING_INITS, apply_policy, format_table, is_peft, save_initial_adapter, trainable_table
 
 __all__ = ["train", "TrainingHealthError", "CheckpointSaveError", "InternVLTrainer", "last_complete_checkpoint"]
 
@@ -506,7 +507,7 @@ def decoder_layers(model):
 
 
 def _lora_kernels_available() -> bool:
-    from .kernels import available
+    from .lora.kernels import available
 
     return available()
 

@@ -4,14 +4,14 @@ With dropout, a LoRA layer computes `dropout(x) @ A^T`. torch's path writes a dr
 input and a mask, the matmul reads the copy back, and the backward draws both again and reads them
 again: about a dozen passes over a (tokens x in_features) tensor per LoRA layer, for a rank-16 product.
 Here the keep-mask is a function of (seed, element index) -- Philox, eight 16-bit draws per call (see
-`_triton_kernels`) -- recomputed wherever it is needed, so each kernel reads x once:
+`_triton`) -- recomputed wherever it is needed, so each kernel reads x once:
 
 - `lora_a_forward(x, A, seed, p, scale)`: scale * (x * keep / (1 - p)) @ A^T, tokens x r, float32;
 - `lora_a_grad(gh, x, seed, p)`: gh^T @ (x * keep / (1 - p)), the gradient of A, r x in, float32;
 - `lora_input_grad(gh, A, seed, p)`: (gh @ A) * keep / (1 - p), tokens x in, in gh's dtype (the caller
   adds the base layer's input gradient onto it inside the large matmul).
 
-And the SwiGLU of the fused MLP (`fast.fuse_swiglu_mlps`) in one pass each way: `swiglu_forward(gate, up)`
+And the SwiGLU of the fused MLP (`fused.fuse_swiglu_mlps`) in one pass each way: `swiglu_forward(gate, up)`
 and `swiglu_backward_(grad, gate, up)`.
 
 The mask is Bernoulli(1 - p) per element like torch's dropout, from another random stream: the seed is
@@ -70,7 +70,7 @@ def keep_scale(p: float) -> float:
 
 @functools.cache
 def _kernels():
-    from . import _triton_kernels as k
+    from . import _triton as k
 
     return k
 
@@ -83,7 +83,7 @@ def _launch(name: str, grid, *args, **meta):
     except Exception as e:
         if isinstance(e, torch.cuda.OutOfMemoryError):
             raise
-        from .errors import UserError
+        from ..errors import UserError
 
         detail = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
         raise UserError(f"the Triton kernel {name} failed on this GPU / triton version ({type(e).__name__}: {detail}); "

@@ -12,8 +12,8 @@ the whole model (a full fine-tune of the `full` parts).
 
 from __future__ import annotations
 
-from .config import PolicyArgs
-from .internvl.lora_targets import FULL_MODULES, VISION_TARGETS, default_llm_targets, part_of, target_regex
+from ..config import PolicyArgs
+from ..internvl.lora_targets import FULL_MODULES, VISION_TARGETS, default_llm_targets, part_of, target_regex
 
 PART_NAMES = ("vision", "projector", "llm")
 # Inits that change the base weights (the residual stays in the base); the trained adapter is

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from internvl_lora.config import PolicyArgs, load_config
 from internvl_lora.internvl.lora_targets import LLM_TARGETS, VISION_TARGETS, part_of
-from internvl_lora.lora import apply_policy, format_table, lora_config, trainable_table
+from internvl_lora.lora.policy import apply_policy, format_table, lora_config, trainable_table
 
 VISION_LAYERS, LLM_LAYERS = 2, 3  # the tiny model
 

@@ -1,4 +1,4 @@
-"""The Triton source of `internvl_lora.kernels` (imported only when the kernels are used: it needs triton).
+"""The Triton source of `internvl_lora.lora.kernels` (imported only when the kernels are used: it needs triton).
 
 The keep-mask: columns go in blocks of 8G; in block kb, element (row, kb*8G + j*G + g) is kept when the
 j-th 16-bit half of Philox(seed, (row * blocks + kb) * G + g) is >= thr. One Philox call thus serves eight
