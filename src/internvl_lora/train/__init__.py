@@ -36,7 +36,9 @@ from ..run_dir import (
 )
 from .callbacks import GenerationEval, LogLine, LossCurve, StepStats, TrainingHealthError, Watchdog, generation_samples
 from .speed import backend_switches_restored, register_varlen_attention, speed_options
-from .trainer import InternVLTrainer, _CheckpointShare, training_arguments, use_tensorboard_dir, zero_stage
+from .trainer import (
+    InternVLTrainer, _CheckpointShare, sharded_weights, training_arguments, use_tensorboard_dir, zero_stage,
+)
 
 __all__ = ["train", "TrainingHealthError", "CheckpointSaveError"]
 
@@ -150,7 +152,7 @@ def _train(cfg: RunConfig) -> Path:
         model.set_attn_implementation({"text_config": register_varlen_attention()})
         print0(f"attention: LLM per packed sample (data.packing; unpacked batches such as generation use SDPA), "
                f"vision tower {cfg.model.attn_implementation}")
-    sharded = zero_stage(t.deepspeed) == 3 or bool(t.fsdp)
+    sharded = sharded_weights(t)
     speed = speed_options(model, t, before_adapters=True, sharded=sharded)
     model = apply_policy(model, cfg.policy, info.llm_type)
     speed += speed_options(model, t, before_adapters=False, sharded=sharded)

@@ -55,7 +55,7 @@ class StepStats:
         self.global_tokens = self.global_trained = self.global_tiles = 0
 
     def add(self, inputs: dict) -> None:
-        """Count a micro-batch: from its `batch_counts` (worked out on the host by `fast.HostSide`), or
+        """Count a micro-batch: from its `batch_counts` (worked out on the host by `data.collate.HostSide`), or
         else from its tensors (which waits for the GPU when they live there)."""
         counts = inputs.get("batch_counts") or batch_counts(inputs)
         self.tokens += counts["tokens"]

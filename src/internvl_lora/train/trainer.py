@@ -206,6 +206,11 @@ def zero_stage(deepspeed_config: str | None) -> int:
     return int(json.loads(Path(deepspeed_config).read_text()).get("zero_optimization", {}).get("stage", 0))
 
 
+def sharded_weights(t) -> bool:
+    """Whether the `train` section `t` partitions the weights across processes (ZeRO-3, FSDP)."""
+    return zero_stage(t.deepspeed) == 3 or bool(t.fsdp)
+
+
 def training_arguments(cfg: RunConfig, out: Path, dtype: torch.dtype, has_eval: bool) -> TrainingArguments:
     t = cfg.train
     use_bf16 = dtype == torch.bfloat16
