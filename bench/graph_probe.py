@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from naive_lora_step import LLM  # noqa: E402
 
-from internvl_lora.fast import apply_liger, register_varlen_attention  # noqa: E402
 from internvl_lora.lora.fused import fuse_lora_layers  # noqa: E402
+from internvl_lora.train.speed import apply_liger, register_varlen_attention  # noqa: E402
 
 
 class Call(torch.nn.Module):

@@ -6,8 +6,8 @@
     torchrun --nproc_per_node 2 bench/multi_gpu.py --size 1b --backend zero3 --steps 3 --accum 2 --text-only-rank 1 \
         --merge .bench_tokenizer                                                            # + save, merge, parity
 
-What runs: `lora.policy.apply_policy` (LoRA r16 on the LLM), `train.InternVLTrainer` with `Trainer.train()`,
-`data.dataset.PadCollator`, bf16, lr 4e-5 cosine with 3 % warmup, weight decay 0.05, activation
+What runs: `lora.policy.apply_policy` (LoRA r16 on the LLM), `train.trainer.InternVLTrainer` with `Trainer.train()`,
+`data.collate.PadCollator`, bf16, lr 4e-5 cosine with 3 % warmup, weight decay 0.05, activation
 checkpointing, per-device batch 4. Samples as in bench/train_step_bench.py; with `--text-only-rank R`
 every micro-batch that rank R receives is text-only (no tiles), the case that hangs ZeRO-3 when the
 vision tower runs on some ranks only. Rank 0 writes one JSON line: per-step losses, tokens/s, peak memory.
@@ -46,15 +46,14 @@ from naive_lora_step import TOK_PER_TILE  # noqa: E402
 from train_step_bench import IMG_TOKEN, LLM, samples  # noqa: E402
 from transformers import InternVLConfig, InternVLForConditionalGeneration, TrainerCallback, TrainingArguments  # noqa: E402
 
-from internvl_lora.callbacks import StepStats  # noqa: E402
+from internvl_lora.train.callbacks import StepStats  # noqa: E402
 from internvl_lora.config import PolicyArgs  # noqa: E402
-from internvl_lora.data.blank_tile import BlankTileCollator  # noqa: E402
-from internvl_lora.data.dataset import PadCollator  # noqa: E402
+from internvl_lora.data.collate import BlankTileCollator, PadCollator  # noqa: E402
 from internvl_lora.internvl.checkpoint import inspect_checkpoint  # noqa: E402
 from internvl_lora.internvl.constants import IMG_CONTEXT_TOKEN  # noqa: E402
 from internvl_lora.internvl.format.config_map import preprocessor_config  # noqa: E402
 from internvl_lora.lora.policy import apply_policy  # noqa: E402
-from internvl_lora.train import InternVLTrainer  # noqa: E402
+from internvl_lora.train.trainer import InternVLTrainer  # noqa: E402
 
 DS = {
     "zero1": {"zero_optimization": {"stage": 1, "overlap_comm": True, "contiguous_gradients": True,
@@ -232,7 +231,7 @@ def main():
     items = [s for _ in range(a.steps) for s in samples(global_batch, rng, 6)]
     data = Data(items, a.bs, world, a.text_only_rank, tile, image_token_id)
     rec = Record()
-    # Text-only micro-batches get a blank tile (data/blank_tile.py): same module order on every rank.
+    # Text-only micro-batches get a blank tile (data/collate.py BlankTileCollator): same module order on every rank.
     collator = BlankTileCollator(PadCollator(0), image_token_id, TOK_PER_TILE, tile)
     trainer = InternVLTrainer(model=model, args=args, train_dataset=data, data_collator=collator,
                               callbacks=[rec], stats=StepStats())

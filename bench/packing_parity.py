@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step_bench import IMG_TOKEN, LLM, Synthetic, samples  # noqa: E402
 from transformers import InternVLConfig, InternVLForConditionalGeneration  # noqa: E402
 
-from internvl_lora.data.dataset import PadCollator  # noqa: E402
-from internvl_lora.fast import PackedCollator, register_varlen_attention, trained_positions_loss  # noqa: E402
+from internvl_lora.data.collate import PackedCollator, PadCollator  # noqa: E402
+from internvl_lora.train.loss import trained_positions_loss  # noqa: E402
+from internvl_lora.train.speed import register_varlen_attention  # noqa: E402
 
 torch.manual_seed(0)
 text = dict(LLM["1b"], num_hidden_layers=4)

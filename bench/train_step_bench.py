@@ -4,7 +4,7 @@
 
 What runs: the model built from a real-shaped config (InternViT-300M + Qwen2.5 LLM of InternVL3-1B /
 2B / 8B), our LoRA policy (`lora.policy.apply_policy`: r16 on the LLM, vision and projector frozen), our
-collators (`fast.PackedCollator` or `data.dataset.PadCollator`), our `train.InternVLTrainer` driven by
+collators (`data.collate.PackedCollator` or `PadCollator`), our `train.trainer.InternVLTrainer` driven by
 `Trainer.train()` with bf16 and AdamW — only the dataset is synthetic (no tokenizer, no images: ids
 and random tiles). Samples follow ../shared/bench/naive_lora_step.py exactly (same RNG, same draws):
 1–6 tiles (+ thumbnail when > 1), 16–64 prefix tokens, 16–128 question tokens, 32–512 answer tokens
@@ -37,15 +37,15 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration, Train
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 from transformers.trainer_utils import SaveStrategy  # noqa: E402
 
-from internvl_lora.callbacks import LogLine, StepStats, Watchdog  # noqa: E402
+from internvl_lora.train.callbacks import LogLine, StepStats, Watchdog  # noqa: E402
 # The baseline's shapes, sample draws and FLOP formula, imported so both sides use the very same ones.
 from naive_lora_step import IMG_TOKEN, LLM, model_flops, samples  # noqa: E402
 from internvl_lora.config import DataArgs, PolicyArgs, RunConfig, TrainArgs  # noqa: E402
 from internvl_lora.data.batching import TokenBudgetBatchSampler  # noqa: E402
-from internvl_lora.data.dataset import PadCollator  # noqa: E402
-from internvl_lora.fast import PackedCollator, register_varlen_attention  # noqa: E402
+from internvl_lora.data.collate import PackedCollator, PadCollator  # noqa: E402
 from internvl_lora.lora.policy import apply_policy  # noqa: E402
-from internvl_lora.train import InternVLTrainer, _CheckpointShare, speed_options, training_arguments  # noqa: E402
+from internvl_lora.train.speed import decoder_layers, fused_paths, register_varlen_attention, speed_options  # noqa: E402
+from internvl_lora.train.trainer import InternVLTrainer, _CheckpointShare, training_arguments  # noqa: E402
 
 VIT_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=448, patch_size=14)
 PEAK_TFLOPS = 790.0
@@ -202,12 +202,18 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
         model.set_attn_implementation({"text_config": register_varlen_attention()})
     model.config.use_cache = False
     model.config.text_config.use_cache = False
-    # The training command's own setup (train.speed_options), driven by the same TrainArgs fields.
-    t = TrainArgs(liger=liger, fused_lora=fused, compile=compile, checkpoint_layers=ckpt or 1.0, chunked_loss=chunked,
-                  lora_kernels=lora_kernels, fused_mlp=fused_mlp)
+    # The training command's own setup (train.speed.speed_options); the fused paths one by one (fused_paths),
+    # where the run config has one switch (train.fused) for all of them.
+    t = TrainArgs(liger=liger, fused=False, checkpoint_layers=ckpt or 1.0)
     done = speed_options(model, t, before_adapters=True)
     model = apply_policy(model, PolicyArgs(dropout=dropout), "qwen2")
     done += speed_options(model, t, before_adapters=False)
+    if compile:  # an experiment of the benchmark only: torch.compile each decoder layer (no fused LoRA then)
+        layers = decoder_layers(model)
+        for layer in layers:
+            layer.compile(dynamic=True)
+        done.append(f"torch.compile of {len(layers)} decoder layers")
+    done += fused_paths(model, lora=fused and not compile, kernels=lora_kernels, mlp=fused_mlp, chunked_loss=chunked)
     if cudnn_sdpa and cuda:  # A/B of the cuDNN attention backend that speed_options turns off
         torch.backends.cuda.enable_cudnn_sdp(True)
         done = [d for d in done if "cuDNN" not in d]
@@ -309,9 +315,9 @@ if __name__ == "__main__":
     ap.add_argument("--max-tiles", type=int, default=6)
     ap.add_argument("--ckpt", default="1", help="comma list: share of LLM layers recomputed (0 off, 1 all, 0.5 half)")
     ap.add_argument("--liger", default="0", help="comma list of 0/1")
-    ap.add_argument("--fused", default="1", help="comma list of 0/1: train.fused_lora")
-    ap.add_argument("--chunked", default="1", help="comma list of 0/1: train.chunked_loss")
-    ap.add_argument("--compile", default="0", help="comma list of 0/1: train.compile")
+    ap.add_argument("--fused", default="1", help="comma list of 0/1: fused LoRA layers (part of train.fused)")
+    ap.add_argument("--chunked", default="1", help="comma list of 0/1: chunked loss (part of train.fused)")
+    ap.add_argument("--compile", default="0", help="comma list of 0/1: torch.compile of each decoder layer (benchmark only)")
     ap.add_argument("--budget", default="0", help="comma list of token budgets per micro-batch (0: batch of --bs samples)")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of two steps (first configuration)")
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (with --budget)")
@@ -320,8 +326,8 @@ if __name__ == "__main__":
     ap.add_argument("--sync-debug", action="store_true", help="warn at each host-device sync of one step (first configuration)")
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     ap.add_argument("--out", default="/tmp/bench_run")
-    ap.add_argument("--lora-kernels", type=int, default=1, help="train.lora_kernels (0/1)")
-    ap.add_argument("--fused-mlp", type=int, default=1, help="train.fused_mlp (0/1)")
+    ap.add_argument("--lora-kernels", type=int, default=1, help="with --fused 1: LoRA dropout in Triton kernels (0/1; part of train.fused)")
+    ap.add_argument("--fused-mlp", type=int, default=1, help="with --fused 1: fused SwiGLU MLPs (0/1; part of train.fused)")
     ap.add_argument("--kernel-config", default="", help="JSON {G, config} for internvl_lora.lora.kernels (the last line of lora_layer_bench.py --sweep)")
     ap.add_argument("--cudnn-sdpa", action="store_true", help="keep SDPA's cuDNN backend on (A/B)")
     ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (the recipe's 0.05)")

@@ -76,3 +76,24 @@ def peft_block():
     """peft_block(dropout, seed=0, dtype=torch.float32): a small PEFT model, LoRA (r=4) on five plain
     projections, seeded; used by the fused-LoRA tests (tests/lora/test_fused.py) and the speed-option tests."""
     return _peft_block
+
+
+@pytest.fixture(scope="module")
+def tiny_items(tmp_path_factory):
+    """(folder, tokenizer, 8 encoded samples) of a tiny model and its synthetic data, for the collator,
+    attention and loss tests."""
+    from internvl_lora.data.audit import audit
+    from internvl_lora.data.dataset import SupervisedDataset
+    from internvl_lora.data.encode import EncodeSettings
+    from internvl_lora.data.records import load_meta
+    from internvl_lora.demo import prepare
+    from internvl_lora.internvl.checkpoint import inspect_checkpoint, load_tokenizer
+
+    d = tmp_path_factory.mktemp("fast")
+    prepare(d, n_train=12, n_heldout=4)
+    info = inspect_checkpoint(d / "model")
+    tok = load_tokenizer(d / "model")
+    s = EncodeSettings.from_checkpoint(info)
+    ds = SupervisedDataset(audit(load_meta(d / "data/meta.json"), tok, s), tok, s, train=False)
+    items = [ds[i] for i in range(8)]
+    return d, tok, items

@@ -33,7 +33,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from internvl_lora.callbacks import StepStats, read_metrics
+from internvl_lora.run_dir import read_metrics
+from internvl_lora.train.callbacks import StepStats
 from internvl_lora.config import PolicyArgs, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -143,7 +144,8 @@ def _setup(demo, tmp_path, policy: PolicyArgs):
 
     from internvl_lora.internvl.checkpoint import inspect_checkpoint, load_model, load_tokenizer
     from internvl_lora.lora.policy import apply_policy
-    from internvl_lora.train import InternVLTrainer, encode_settings
+    from internvl_lora.train import encode_settings
+    from internvl_lora.train.trainer import InternVLTrainer
 
     torch.manual_seed(0)
     model = apply_policy(load_model(demo.parent / "model", dtype=torch.float32), policy, "qwen2")
@@ -173,7 +175,7 @@ def _grads(model, part):
 
 
 def test_blank_tile_keeps_the_loss_and_gives_vision_params_zero_gradients(demo, tmp_path):
-    from internvl_lora.train import data_collator
+    from internvl_lora.data.collate import data_collator
 
     policy = PolicyArgs(vision="lora", projector="full", llm="lora", r=4, dropout=0.0)
     trainer, model, tok, settings = _setup(demo, tmp_path, policy)
@@ -201,8 +203,8 @@ def test_blank_tile_keeps_the_loss_and_gives_vision_params_zero_gradients(demo, 
 
 
 def test_blank_tile_is_one_tile_and_only_for_text_only_batches(demo, tmp_path):
-    from internvl_lora.data.dataset import PadCollator
-    from internvl_lora.train import data_collator
+    from internvl_lora.data.collate import PadCollator
+    from internvl_lora.data.collate import data_collator
 
     _, model, tok, settings = _setup(demo, tmp_path, PolicyArgs(vision="lora", r=4))
     assert isinstance(data_collator(tok, settings, dummy_vision=False), PadCollator)
@@ -223,7 +225,7 @@ def test_blank_tile_is_one_tile_and_only_for_text_only_batches(demo, tmp_path):
 
 
 def test_grouped_sampler_depends_only_on_seed_epoch_and_global_batch():
-    from internvl_lora.train import GroupedSampler
+    from internvl_lora.train.trainer import GroupedSampler
 
     lengths = [(k * 37) % 101 for k in range(40)]
     a = GroupedSampler(lengths, global_batch=8, seed=3)

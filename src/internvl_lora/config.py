@@ -85,12 +85,8 @@ class TrainArgs:
     max_grad_norm: float = 1.0  # gradient clipping
     gradient_checkpointing: bool = True  # activation checkpointing (non-reentrant) in the LLM and the vision tower
     checkpoint_layers: float = 1.0  # with gradient_checkpointing: share of the LLM's decoder layers recomputed (evenly spread; 1 all, 0.5 every other)
-    fused_lora: bool = True  # each LoRA layer's training forward as one autograd node that keeps only the layer's input (same numbers, less memory and host time; not under ZeRO-3 / FSDP)
-    lora_kernels: bool = True  # with fused_lora on a GPU with triton: the LoRA dropout inside Triton kernels (no dropped copy of the input; masks from another random stream of the same distribution)
-    fused_mlp: bool = True  # with fused_lora: the SwiGLU MLP's down projection keeps gate and up but not their product (a quarter less activation memory per decoder layer)
-    chunked_loss: bool = True  # logits of trained positions formed in chunks inside the loss, never all at once (same numbers; not under ZeRO-3 / FSDP)
+    fused: bool = True  # the fused training paths: LoRA layers as one autograd node (dropout in Triton kernels on a GPU), SwiGLU MLPs keeping gate and up, the loss's logits in chunks (same numbers, less memory; not under ZeRO-3 / FSDP); false: PEFT's own path, for comparison
     liger: bool = False  # Liger kernels (RMSNorm, SwiGLU, RoPE) in the LLM; needs liger-kernel and a GPU
-    compile: bool = False  # torch.compile each LLM decoder layer (experimental; GPU)
     loss_reduction: str = "token"  # token: token mean over the global batch | sample: 1/n per sample's n trained tokens | square: 1/sqrt(n) (official)
     seed: int = 42  # seeds LoRA init, data order, dropout and the eval_fraction split
     logging_steps: int = 10  # optimizer steps per log line / metrics.jsonl record
@@ -148,6 +144,36 @@ def _coerce_number(value, hint):
         except ValueError:
             return value
     return value
+
+
+# Keys of earlier versions, still read so that their configs (and the config.yaml of their run folders) load.
+# The four switches of the fused paths became `train.fused`; `train.compile` was removed.
+LEGACY_FUSED_KEYS = ("fused_lora", "lora_kernels", "fused_mlp", "chunked_loss")
+LEGACY_REMOVED_KEYS = {"compile": False}  # key: the only value still accepted (the old default)
+
+
+def _legacy_train_keys(train: dict, problems: list[str]) -> list[str]:
+    """Take the legacy keys out of the `train` section (in place): the fused switches at their old default
+    (true) change nothing; any of them false means `train.fused: false` (unless it is set). Returns notices."""
+    notices = []
+    off = []
+    for key in LEGACY_FUSED_KEYS:
+        if key not in train:
+            continue
+        value = train.pop(key)
+        if not isinstance(value, bool):
+            problems.append(f"train.{key}: {value!r} is not of type bool (a legacy key: use train.fused)")
+        elif not value:
+            off.append(key)
+    if off and "fused" not in train:
+        train["fused"] = False
+        notices.append(f"note: legacy key(s) {', '.join(f'train.{k}=false' for k in off)}: "
+                       "running with train.fused=false (PEFT's path, no fused MLP, no chunked loss)")
+    for key, accepted in LEGACY_REMOVED_KEYS.items():
+        if key in train and train.pop(key) != accepted:
+            problems.append(f"train.{key} was removed (torch.compile of the decoder layers was an experiment; "
+                            "the fused paths, train.fused, replace it): delete the key")
+    return notices
 
 
 def _build(cls, values: dict, prefix: str, problems: list[str]):
@@ -275,10 +301,6 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
 
         if importlib.util.find_spec("liger_kernel") is None:
             p.append("train.liger needs the liger-kernel package (pip install liger-kernel; GPU only)")
-    if t.compile and t.gradient_checkpointing:
-        p.append("train.compile needs train.gradient_checkpointing=false (torch's inductor fails on checkpointed "
-                 "decoder layers: 'Node ... was invalid, but is output', seen with torch 2.11); bound the memory with "
-                 "data.max_tokens_per_batch instead")
     if t.loss_reduction not in LOSS_REDUCTIONS:
         p.append(f"train.loss_reduction must be one of {', '.join(LOSS_REDUCTIONS)}, got {t.loss_reduction!r}")
     if t.dummy_vision not in DUMMY_VISION:
@@ -325,10 +347,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, che
                 sec[key] = str(base / v)
     raw = _merge(raw, parse_overrides(overrides or []))
     problems: list[str] = []
+    notices = _legacy_train_keys(raw["train"], problems) if isinstance(raw.get("train"), dict) else []
     cfg = _build(RunConfig, raw, "", problems)
     problems += validate(cfg, check_paths=check)
     if problems:
         raise ConfigError(problems, source)
+    if notices:
+        from .distributed import print0
+
+        for line in notices:
+            print0(line)
     return cfg
 
 

@@ -31,3 +31,7 @@ class DataError(UserError):
         self.kind, self.path, self.line, self.detail = kind, path, line, message
         where = f"{path}:{line}: " if path is not None and line is not None else (f"{path}: " if path else "")
         super().__init__(f"{where}[{kind}] {message}")
+
+
+class CheckpointSaveError(UserError):
+    """Writing a checkpoint or the final adapter failed (disk full, permissions, ...)."""

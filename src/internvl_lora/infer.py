@@ -10,7 +10,6 @@ to its base); tiling and template come from the run (`internvl_lora.json`) so in
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,9 +20,8 @@ from .errors import UserError
 from .internvl.checkpoint import inspect_checkpoint, load_model, load_tokenizer
 from .internvl.constants import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, VIDEO_PLACEHOLDER
 from .internvl.templates import build_prompt, parse_response
+from .run_dir import RUN_META, parse_dtype, read_run_meta
 
-RUN_META = "internvl_lora.json"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Frames taken from a video when the run recorded no frame count (the official video demo's 8).
 VIDEO_FRAMES = 8
 
@@ -42,26 +40,12 @@ class Loaded:
         return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
 
 
-def read_run_meta(path: Path) -> dict | None:
-    f = Path(path) / RUN_META
-    return json.loads(f.read_text()) if f.exists() else None
-
-
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
-
-
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    try:
-        return DTYPES[str(name).replace("torch.", "")]
-    except KeyError:
-        raise UserError(f"--dtype {name!r}: choose one of {', '.join(DTYPES)}") from None
 
 
 @contextlib.contextmanager

@@ -47,7 +47,8 @@ from PIL import Image, ImageDraw
 
 from .data.encode import EncodeSettings
 from .errors import UserError
-from .infer import RUN_META, build_inputs, parse_dtype, quiet_loading, read_run_meta, settings_for
+from .infer import build_inputs, quiet_loading, settings_for
+from .run_dir import DTYPE_NAMES, RUN_META, parse_dtype, read_run_meta
 from .internvl.checkpoint import inspect_checkpoint, load_model, load_tokenizer
 
 # Max |logit difference| allowed between the adapter model and the merged model, relative to the
@@ -62,7 +63,6 @@ MIN_CHANGE = 1e-6
 REPORT = "merge_report.json"
 STAGING_INFIX = ".merge-incomplete-"
 STAGING_MARKER = "INCOMPLETE_MERGE.txt"
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def probe_image(size: int) -> Image.Image:

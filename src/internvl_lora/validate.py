@@ -24,7 +24,8 @@ from tqdm import tqdm
 from .data.heldout import heldout_samples
 from .data.records import load_meta, read_lines
 from .errors import UserError
-from .infer import RUN_META, Loaded, build_inputs, generate, load_for_inference
+from .infer import Loaded, build_inputs, generate, load_for_inference
+from .run_dir import RUN_META
 from .metrics import aggregate, score
 
 

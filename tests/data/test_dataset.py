@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from internvl_lora.data.audit import audit
-from internvl_lora.data.dataset import PadCollator, SampleLoadError, SupervisedDataset
+from internvl_lora.data.dataset import SampleLoadError, SupervisedDataset
 from internvl_lora.data.encode import EncodeSettings
 from internvl_lora.data.records import load_meta
 from internvl_lora.errors import DataError, UserError
@@ -126,16 +126,3 @@ def test_a_file_that_breaks_after_the_audit_is_a_clear_error(tmp_path, tok):
     pickle.loads(pickle.dumps(e.value))
 
 
-def test_collator_masks_by_length_not_by_token_id():
-    features = [
-        {"input_ids": torch.tensor([5, 0, 7]), "labels": torch.tensor([-100, 0, 7]), "pixel_values": torch.ones(2, 3, 4, 4)},
-        {"input_ids": torch.tensor([0]), "labels": torch.tensor([0])},  # text-only, token id 0 (Qwen's "!")
-        {"input_ids": torch.tensor([1, 2]), "labels": torch.tensor([-100, 2]), "pixel_values": torch.zeros(1, 3, 4, 4)},
-    ]
-    batch = PadCollator(pad_token_id=99, pad_to_multiple_of=4)(features)
-    assert batch["input_ids"].tolist() == [[5, 0, 7, 99], [0, 99, 99, 99], [1, 2, 99, 99]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, 0, 7, -100], [0, -100, -100, -100], [-100, 2, -100, -100]]
-    assert batch["pixel_values"].shape == (3, 3, 4, 4)
-    assert batch["pixel_values"][:2].eq(1).all() and batch["pixel_values"][2].eq(0).all()  # sample order
-    assert "pixel_values" not in PadCollator(0)([features[1]])

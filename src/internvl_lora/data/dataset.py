@@ -1,4 +1,4 @@
-"""The training dataset over audited annotation lines, and the padding collator."""
+"""The training dataset over audited annotation lines (collators: `data.collate`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import random
 import torch
 
 from ..errors import DataError
-from ..internvl.constants import IGNORE_INDEX
 from .audit import AuditResult
 from .encode import EncodeSettings, encode_record
 from .records import Line, apply_repeat, parse_record
@@ -66,33 +65,3 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if enc.pixel_values is not None:
             item["pixel_values"] = enc.pixel_values
         return item
-
-
-class PadCollator:
-    """Right-pads a batch; the attention mask comes from lengths (the official collator derives it from
-    `input_ids != 0`, which masks real `!` tokens of Qwen tokenizers), tiles are concatenated in sample
-    and placeholder order, which is the order the model consumes them in."""
-
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
-        self.pad_token_id = pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
-
-    def __call__(self, features: list[dict]) -> dict:
-        longest = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            m = self.pad_to_multiple_of
-            longest = (longest + m - 1) // m * m
-        n = len(features)
-        input_ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((n, longest), dtype=torch.long)
-        for k, f in enumerate(features):
-            length = len(f["input_ids"])
-            input_ids[k, :length] = torch.as_tensor(f["input_ids"])
-            labels[k, :length] = torch.as_tensor(f["labels"])
-            attention_mask[k, :length] = 1
-        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-        pixels = [f["pixel_values"] for f in features if "pixel_values" in f]
-        if pixels:
-            batch["pixel_values"] = torch.cat(pixels, dim=0)
-        return batch

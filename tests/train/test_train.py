@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from internvl_lora.callbacks import read_metrics
+from internvl_lora.run_dir import read_metrics
 from internvl_lora.config import load_config
 from internvl_lora.errors import UserError
 
@@ -139,7 +139,7 @@ def test_eval_fraction_split_is_deterministic_and_disjoint(demo):
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(demo, tmp_path, monkeypatch, capsys):
     from internvl_lora import cli
-    from internvl_lora.train import is_complete_checkpoint
+    from internvl_lora.run_dir import is_complete_checkpoint
 
     out = tmp_path / "run"
     real_save = torch.save
@@ -171,53 +171,6 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(demo, tmp_path, mo
     assert e.value.code == 0
     assert "resuming from" in capsys.readouterr().out
     assert json.loads((out / "adapter" / "internvl_lora.json").read_text())["global_step"] == 3
-
-
-def test_write_error_on_the_final_adapter_is_clear(demo, tmp_path, monkeypatch):
-    import internvl_lora.train as train_mod
-    from internvl_lora.train import CheckpointSaveError
-
-    real = train_mod.InternVLTrainer.save_model
-
-    def failing(self, output_dir=None, _internal_call=False):
-        if ".adapter.partial" in str(output_dir):
-            real(self, output_dir, _internal_call)
-            raise PermissionError(errno.EACCES, "Permission denied", str(output_dir))
-        return real(self, output_dir, _internal_call)
-
-    monkeypatch.setattr(train_mod.InternVLTrainer, "save_model", failing)
-    out = tmp_path / "run"
-    with pytest.raises(CheckpointSaveError) as e:
-        train_mod.train(config(demo, out, "train.report_to=[]", "train.max_steps=2", "train.save_steps=2"))
-    assert "could not write the final adapter" in str(e.value) and "Permission denied" in str(e.value)
-    assert "checkpoint-2 is intact" in str(e.value)
-    assert not (out / "adapter").exists() and not (out / ".adapter.partial").exists()
-
-
-def test_incomplete_checkpoints_are_skipped_on_resume(tmp_path, capsys):
-    from internvl_lora.train import find_resume_checkpoint, is_complete_checkpoint, last_complete_checkpoint
-
-    def ckpt(step, state=True, weights=True):
-        d = tmp_path / f"checkpoint-{step}"
-        d.mkdir()
-        if weights:
-            (d / "adapter_model.safetensors").write_bytes(b"x")
-        if state:
-            (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-        return d
-
-    ckpt(2)
-    ckpt(4)
-    cut = ckpt(6, state=False)  # killed before trainer_state.json
-    torn = ckpt(8)
-    (torn / "trainer_state.json").write_text('{"global_st')  # killed while writing it
-    (tmp_path / "checkpoint-x").mkdir()
-    assert not is_complete_checkpoint(cut) and not is_complete_checkpoint(torn)
-    assert last_complete_checkpoint(tmp_path).name == "checkpoint-4"
-    assert find_resume_checkpoint(tmp_path).name == "checkpoint-4"
-    assert "checkpoint-6 is incomplete" in capsys.readouterr().out
-    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-x"]
-    assert find_resume_checkpoint(tmp_path / "missing") is None
 
 
 def test_resume_refuses_another_policy_and_warns_on_reuse(demo, tmp_path, capsys):

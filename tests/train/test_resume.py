@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from internvl_lora.callbacks import read_metrics
+from internvl_lora.run_dir import read_metrics
 from internvl_lora.config import load_config
 
 CLI = [sys.executable, "-m", "internvl_lora.cli", "train"]

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from safetensors.torch import load_file
 
-from internvl_lora.callbacks import read_metrics
+from internvl_lora.run_dir import read_metrics
 from internvl_lora.config import load_config
 from internvl_lora.data.batching import TokenBudgetBatchSampler
 
@@ -35,7 +35,7 @@ def test_budget_batches_see_every_sample_once_per_epoch_within_the_budget(demo, 
 
     class Recording:
         def __init__(self, inner):
-            self.inner = inner  # the trainer looks through `.inner` for the packed / padded collator
+            self.inner, self.packed = inner, inner.packed  # the trainer asks `.packed`: packed / padded rows
 
         def __call__(self, features):
             batch = self.inner(features)

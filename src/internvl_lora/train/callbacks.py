@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from .errors import UserError
-from .fast import batch_counts
+from ..data.collate import batch_counts
+from ..errors import UserError
+from ..run_dir import read_metrics
 
 
 def _dist_ready() -> bool:
@@ -54,7 +55,7 @@ class StepStats:
         self.global_tokens = self.global_trained = self.global_tiles = 0
 
     def add(self, inputs: dict) -> None:
-        """Count a micro-batch: from its `batch_counts` (worked out on the host by `fast.HostSide`), or
+        """Count a micro-batch: from its `batch_counts` (worked out on the host by `data.collate.HostSide`), or
         else from its tensors (which waits for the GPU when they live there)."""
         counts = inputs.get("batch_counts") or batch_counts(inputs)
         self.tokens += counts["tokens"]
@@ -98,21 +99,6 @@ class StepStats:
 def _fmt_time(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
-    """Records of a metrics.jsonl (those logged after `up_to_step` are dropped: a resumed run redoes them)."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a kill
-            continue
-        if up_to_step is None or row.get("step", 0) <= up_to_step:
-            rows.append(row)
-    return rows
 
 
 class LogLine(TrainerCallback):
@@ -350,7 +336,7 @@ class Watchdog(TrainerCallback):
 
 def generation_samples(lines, limit: int) -> list[dict]:
     """(question, history, images, reference) of the first `limit` held-out lines (image or text samples)."""
-    from .data.heldout import heldout_samples
+    from ..data.heldout import heldout_samples
 
     if limit < 1:  # train.generate_samples 0: no sample (heldout_samples reads 0 as "all")
         return []
@@ -375,8 +361,8 @@ class GenerationEval(TrainerCallback):
         self.results: list[dict] = []
 
     def evaluate(self, model, device) -> dict:
-        from .infer import Loaded, build_inputs, generate
-        from .metrics import aggregate, score
+        from ..infer import Loaded, build_inputs, generate
+        from ..metrics import aggregate, score
 
         rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if _dist_ready() else (0, 1)
         mine = self.samples[rank::world]

@@ -1,0 +1,231 @@
+"""The run folder (`train.output_dir`): what training writes there and how it is read back.
+
+    OUT/config.yaml              the resolved config (compared on resume: `check_resume_compatible`)
+    OUT/internvl_lora.json       the run record (`RUN_META`: base model, encode settings, versions, ...)
+    OUT/metrics.jsonl            one record per log interval (`read_metrics`)
+    OUT/checkpoint-N/            adapter-only checkpoints (`checkpoints`, `find_resume_checkpoint`)
+    OUT/adapter_init/            PiSSA / OLoRA: the adapter as initialised (`INIT_ADAPTER`)
+    OUT/adapter/                 the final adapter, written atomically (`save_final`)
+
+docs/training.md describes the folder for users.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from .distributed import is_main, print0, world_size
+from .errors import CheckpointSaveError, UserError
+
+RUN_META = "internvl_lora.json"
+INIT_ADAPTER = "adapter_init"  # PiSSA / OLoRA: the adapter as initialised (for the conversion on save)
+CHECKPOINT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors",
+                      "model.safetensors.index.json", "pytorch_model.bin")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return DTYPES[name]
+
+def read_run_meta(path: Path) -> dict | None:
+    f = Path(path) / RUN_META
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[str(name).replace("torch.", "")]
+    except KeyError:
+        raise UserError(f"--dtype {name!r}: choose one of {', '.join(DTYPES)}") from None
+
+
+
+def write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
+    """Records of a metrics.jsonl (those logged after `up_to_step` are dropped: a resumed run redoes them)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+        if up_to_step is None or row.get("step", 0) <= up_to_step:
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run record
+
+
+def fingerprint(paths: list[str]) -> str:
+    """sha256 over the annotation files' bytes (images are not hashed)."""
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def environment() -> dict:
+    """Library versions and hardware, for the run record."""
+    import accelerate
+    import peft
+    import transformers
+
+    from . import __version__
+
+    env = {
+        "internvl_lora": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "peft": peft.__version__, "accelerate": accelerate.__version__,
+        "deepspeed": _version("deepspeed"), "platform": platform.platform(), "world_size": world_size(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return {k: v for k, v in env.items() if v is not None}
+
+
+def run_metadata(cfg, info, settings, data_fp: dict) -> dict:
+    """The run record: config `cfg` (RunConfig), checkpoint `info`, encode `settings`, data fingerprints."""
+    return {
+        "base_model": str(Path(cfg.model.path).resolve()),
+        "base_format": info.format,
+        "template": settings.template.name,
+        "encode": {k: getattr(settings, k) for k in (
+            "tile_size", "tokens_per_tile", "max_dynamic_patch", "min_dynamic_patch", "use_thumbnail",
+            "dynamic_image_size", "normalize_type", "max_length")},
+        "policy": cfg.to_dict()["policy"],
+        "dataset_fingerprint": data_fp["train"],
+        "data": data_fp,
+        "versions": environment(),
+        "command": " ".join(sys.argv),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def is_complete_checkpoint(folder: Path) -> bool:
+    """A checkpoint is complete once trainer_state.json (written last by the Trainer) is readable and the
+    weights are there; a folder cut short by a kill or a full disk is not."""
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any((folder / name).exists() for name in CHECKPOINT_WEIGHTS) or any(folder.glob("global_step*"))
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """checkpoint-N folders of a run folder, by step."""
+    if not out.is_dir():
+        return []
+    found = []
+    for p in out.iterdir():
+        name = p.name
+        if p.is_dir() and name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit():
+            found.append((int(name[len("checkpoint-"):]), p))
+    return [p for _, p in sorted(found)]
+
+
+def last_complete_checkpoint(out: Path) -> Path | None:
+    done = [p for p in checkpoints(out) if is_complete_checkpoint(p)]
+    return done[-1] if done else None
+
+
+def find_resume_checkpoint(out: Path) -> Path | None:
+    """The last complete checkpoint; incomplete ones after it (interrupted saves) are reported and removed."""
+    last = last_complete_checkpoint(out)
+    for p in checkpoints(out):
+        if not is_complete_checkpoint(p) and (last is None or int(p.name.split("-")[1]) > int(last.name.split("-")[1])):
+            print0(f"{p} is incomplete (interrupted while saving); ignoring it")
+            if is_main():
+                shutil.rmtree(p, ignore_errors=True)
+    return last
+
+
+def check_resume_compatible(out: Path, cfg) -> None:
+    """The policy decides which parameters exist: a checkpoint of another policy cannot be resumed."""
+    saved = out / "config.yaml"
+    if not saved.exists():
+        return
+    try:
+        old = yaml.safe_load(saved.read_text())
+    except (OSError, yaml.YAMLError):
+        return
+    new = cfg.to_dict()
+    keys = ("vision", "projector", "llm", "r", "llm_targets", "vision_targets", "use_dora", "init")
+    old_policy = old.get("policy") or {} if isinstance(old, dict) else {}
+    diff = [k for k in keys if k in old_policy and old_policy[k] != new["policy"][k]]
+    if diff:
+        raise UserError(
+            f"cannot resume {out}: the checkpoints were trained with a different policy ("
+            + ", ".join(f"policy.{k}: {old_policy[k]!r} -> {new['policy'][k]!r}" for k in diff)
+            + "); use the original settings or a new train.output_dir")
+    for section, key in (("train", "per_device_batch_size"), ("train", "grad_accum"), ("train", "seed"),
+                         ("data", "max_tokens_per_batch")):
+        before = (old.get(section) or {}).get(key) if isinstance(old, dict) else None
+        if before is not None and before != new[section][key]:
+            print0(f"warning: {section}.{key} changed from {before} to {new[section][key]} since the checkpoint; "
+                   "the data position and order after resuming will not match the interrupted run")
+
+
+def save_final(trainer, out: Path, init_dir: Path | None) -> Path:
+    """Write OUT/adapter atomically (into a temporary folder, then renamed)."""
+    final, tmp = out / "adapter", out / ".adapter.partial"
+    try:
+        if is_main() and tmp.exists():
+            shutil.rmtree(tmp)
+        if init_dir is not None:
+            # PiSSA / OLoRA: a plain rank-2r LoRA that applies to the original base weights.
+            if is_main():
+                trainer.accelerator.unwrap_model(trainer.model).save_pretrained(
+                    str(tmp), path_initial_model_for_weight_conversion=str(init_dir))
+        else:
+            trainer.save_model(str(tmp))
+        if is_main():
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except OSError as e:
+        if is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        last = last_complete_checkpoint(out)
+        raise CheckpointSaveError(
+            f"could not write the final adapter to {final}: {e.strerror or e}. "
+            + (f"The last checkpoint {last} is intact: free disk space and run the same command with "
+               "train.resume=true to write the adapter from it" if last else "No checkpoint was kept")) from None
+    return final

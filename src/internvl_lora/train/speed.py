@@ -1,0 +1,196 @@
+"""Speed levers of training: packed (varlen) attention, partial recomputation, Liger, the fused paths.
+
+- `VARLEN` is an attention implementation registered through transformers' public
+  `AttentionInterface`: it attends within each packed sample only -- torch's flash-based
+  `varlen_attn` on a GPU, a per-sample SDPA loop elsewhere (the same numbers, slower). A batch without
+  sample boundaries (evaluation, generation, padded batches) goes to SDPA with its padding mask.
+- `checkpoint_some_layers` keeps activation checkpointing on a share of the decoder layers.
+- `speed_options` applies the `train` section's choices (Liger, `train.fused`); `fused_paths` is the
+  fused part with one switch per lever, for benchmarks. `backend_switches_restored` puts back the
+  process-wide torch switches that `speed_options` changes.
+
+Generic: nothing here is specific to InternVL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from ..lora.fused import fuse_lora_layers, fuse_swiglu_mlps
+from ..lora.policy import is_peft
+from .loss import chunk_output_layer
+
+VARLEN = "packed_varlen"
+
+
+@functools.cache
+def _varlen_supports_gqa() -> bool:
+    """Whether torch's varlen_attn takes `enable_gqa` (torch >= 2.13); asked on first use."""
+    try:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+
+        return "enable_gqa" in inspect.signature(varlen_attn).parameters
+    except Exception:
+        return False
+
+
+def _varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """query (1, H, T, D), key/value (1, KV, T, D) -> (1, T, H, D), attending within each packed sample."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:  # an ordinary batch (evaluation, generation, a padded batch): plain SDPA with its mask
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    max_len = int(kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max()))
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, D)
+    if q.is_cuda:
+        from torch.nn.attention.varlen import varlen_attn
+
+        gqa = _varlen_supports_gqa()
+        if k.shape[1] != q.shape[1] and not gqa:
+            # Older torch (< 2.13) has no enable_gqa here: repeat the key/value heads.
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        extra = {"enable_gqa": True} if gqa else {}
+        out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0), **extra)
+    else:
+        outs = []
+        bounds = cu.tolist()
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            qq, kk, vv = (x[a:b].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+            o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scaling, enable_gqa=True)
+            outs.append(o[0].transpose(0, 1))
+        out = torch.cat(outs)
+    return out.unsqueeze(0), None
+
+
+def _varlen_mask(*args, attention_mask=None, **kwargs):
+    """No mask for packed rows (they carry no padding mask; the boundaries travel as cu_seq_lens); the
+    SDPA mask when a padding mask is given, for the SDPA fallback of `_varlen_attention`."""
+    if attention_mask is None:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def register_varlen_attention() -> str:
+    """Register `VARLEN`: packed batches attend per sample; any other batch falls back to SDPA, so a model
+    trained with packing still evaluates and generates on ordinary (padded) batches."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN, _varlen_attention)
+    AttentionMaskInterface.register(VARLEN, _varlen_mask)
+    return VARLEN
+
+
+def checkpoint_some_layers(layers, share: float) -> list[int]:
+    """Keep activation checkpointing on `share` of `layers` (evenly spread), turn it off on the others.
+
+    Works on transformers' `GradientCheckpointingLayer`s after checkpointing was enabled (their public
+    `gradient_checkpointing` flag). Returns the indices that stay checkpointed.
+    """
+    n = len(layers)
+    k = round(share * n)
+    chosen = sorted({int(i * n / k) for i in range(k)}) if k else []
+    for i, layer in enumerate(layers):
+        if hasattr(layer, "gradient_checkpointing"):
+            layer.gradient_checkpointing = layer.gradient_checkpointing and i in chosen
+    return chosen
+
+
+def apply_liger(language_model) -> str:
+    """Liger kernels (RMSNorm, SwiGLU, RoPE) on one decoder-only model instance, by its model type.
+
+    The cross-entropy kernels stay off: the loss here computes logits at trained positions only.
+    """
+    model_type = language_model.config.model_type
+    try:
+        import liger_kernel.transformers as liger
+    except ImportError:
+        raise UserError("train.liger needs the liger-kernel package (pip install liger-kernel) and a GPU") from None
+    fn = getattr(liger, f"apply_liger_kernel_to_{model_type}", None)
+    if fn is None:
+        raise UserError(f"train.liger: liger-kernel has no kernels for {model_type!r} models; set train.liger=false")
+    fn(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
+       model=language_model)
+    return model_type
+
+
+def decoder_layers(model):
+    """The decoder layers of the model's language model (through a PEFT wrapper)."""
+    base = model.get_base_model() if is_peft(model) else model
+    return base.get_decoder().layers
+
+
+def _lora_kernels_available() -> bool:
+    from ..lora.kernels import available
+
+    return available()
+
+
+@contextlib.contextmanager
+def backend_switches_restored():
+    """The process-wide torch backend switches that `speed_options` changes (SDPA's cuDNN backend),
+    as they were on entry, restored on exit -- also when training fails."""
+    cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
+
+
+def speed_options(model, t, before_adapters: bool, sharded: bool = False) -> list[str]:
+    """Apply the speed options of the `train` section `t`; called before and after the adapters are injected.
+
+    Before: Liger kernels on the language model. After: on a GPU, SDPA without its cuDNN backend (call
+    inside `backend_switches_restored`); with `train.fused`, the fused paths (`fused_paths`). `sharded`:
+    the weights are partitioned (ZeRO-3 / FSDP). Returns what was done.
+    """
+    done = []
+    if before_adapters:
+        if t.liger:
+            done.append(f"liger kernels ({apply_liger(model.get_decoder())})")
+        return done
+    if torch.cuda.is_available() and torch.backends.cuda.cudnn_sdp_enabled():
+        # cuDNN's attention builds an execution plan for every new input shape (70-80 ms each on an H200,
+        # the GPU idle meanwhile), and the vision tower's batch -- the tiles of a micro-batch -- changes
+        # shape from step to step; flash and memory-efficient SDPA have no per-shape setup.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        done.append("SDPA without cuDNN")
+    if t.fused:
+        done += fused_paths(model, sharded)
+    return done
+
+
+def fused_paths(model, sharded: bool = False, lora: bool = True, kernels: bool = True, mlp: bool = True,
+                chunked_loss: bool = True) -> list[str]:
+    """The fused LoRA layers (`fuse_lora_layers`, their dropout in Triton kernels with `kernels`), SwiGLU
+    MLPs (`fuse_swiglu_mlps`, with `mlp`) and the chunked loss (`chunk_output_layer`); `train.fused`
+    turns all of them on, benchmarks choose one by one. Returns what was done."""
+    done = []
+    if lora and is_peft(model):
+        if sharded:
+            # Sharded weights are gathered and released around each module; the fused path has only
+            # been run unsharded (1 GPU, DDP, ZeRO-1), so sharded runs keep PEFT's own path.
+            done.append("fused LoRA layers off under ZeRO-3 / FSDP (PEFT's path)")
+        else:
+            done.append(f"fused LoRA layers: {fuse_lora_layers(model, kernels=kernels)}"
+                        + (" (dropout in Triton kernels on the GPU)" if kernels and _lora_kernels_available() else ""))
+            if mlp:
+                done.append(f"fused SwiGLU MLPs: {fuse_swiglu_mlps(model)}")
+    if chunked_loss:
+        if sharded:  # the output layer's weight is whole only inside its own forward there
+            done.append("chunked loss off under ZeRO-3 / FSDP")
+        elif chunk_output_layer(model):
+            done.append("chunked loss")
+    return done

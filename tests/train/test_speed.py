@@ -1,0 +1,235 @@
+"""Packed (varlen) attention, partial recomputation and the speed options (`internvl_lora.train.speed`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from internvl_lora.data.collate import PackedCollator, PadCollator
+from internvl_lora.demo import prepare
+from internvl_lora.internvl.checkpoint import load_model
+from internvl_lora.train.loss import trained_positions_loss
+from internvl_lora.train.speed import VARLEN, register_varlen_attention
+
+
+def test_packed_varlen_loss_equals_padded(tiny_items):
+    d, tok, items = tiny_items
+    torch.manual_seed(0)
+    model = load_model(d / "model").eval()
+    padded = PadCollator(tok.pad_token_id)(items)
+    with torch.no_grad():
+        stock = model(**padded, use_cache=False).loss
+        n = (padded["labels"][:, 1:] != -100).sum()
+        fast_padded = trained_positions_loss(model, padded, n)
+        model.set_attn_implementation({"text_config": register_varlen_attention()})
+        assert model.config.text_config._attn_implementation == VARLEN
+        packed = trained_positions_loss(model, PackedCollator()(items), n)
+    assert torch.allclose(stock, fast_padded, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(stock, packed, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_gradients_equal_padded(tiny_items):
+    d, tok, items = tiny_items
+    grads = []
+    for packed in (False, True):
+        model = load_model(d / "model")
+        model.train()
+        if packed:
+            model.set_attn_implementation({"text_config": register_varlen_attention()})
+            batch = PackedCollator()(items)
+        else:
+            batch = PadCollator(tok.pad_token_id)(items)
+        n = sum((it["labels"][1:] != -100).sum() for it in items)
+        loss = trained_positions_loss(model, batch, n)
+        loss.backward()
+        grads.append(model.model.language_model.layers[0].self_attn.q_proj.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_varlen_without_boundaries_is_sdpa(tiny_items):
+    """A model trained with packing still evaluates and generates on ordinary padded batches: without
+    cu_seq_lens the packed attention is SDPA with the padding mask (same logits, same generations)."""
+    d, tok, items = tiny_items
+    sdpa = load_model(d / "model").eval()
+    varlen = load_model(d / "model").eval()
+    varlen.set_attn_implementation({"text_config": register_varlen_attention()})
+    batch = PadCollator(tok.pad_token_id)(items[:3])
+    assert (batch["attention_mask"] == 0).any()  # really padded
+    with torch.no_grad():
+        a = sdpa(**batch, use_cache=False).logits
+        b = varlen(**batch, use_cache=False).logits
+    keep = batch["attention_mask"].bool()
+    assert torch.allclose(a[keep], b[keep], rtol=1e-5, atol=1e-5)
+    left = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        ga = sdpa.generate(**left, max_new_tokens=4, do_sample=False)
+        gb = varlen.generate(**left, max_new_tokens=4, do_sample=False)
+    assert torch.equal(ga, gb)
+
+
+def test_training_with_packing_follows_the_padded_loss_curve(tmp_path):
+    """`data.packing: true` (packed rows, varlen attention, loss on trained positions) trains like padding."""
+    import json
+
+    from internvl_lora.config import load_config
+    from internvl_lora.train import train
+
+    cfg_path = prepare(tmp_path / "d", n_train=16, n_heldout=2)
+    curves = {}
+    for packing in (False, True):
+        out = tmp_path / f"run-{packing}"
+        cfg = load_config(cfg_path, [f"data.packing={str(packing).lower()}", "train.max_steps=4", "train.logging_steps=1",
+                                     "train.per_device_batch_size=4", "policy.dropout=0.0", "train.report_to=[]",
+                                     "train.save_steps=1000", f"train.output_dir={out}"])
+        train(cfg)
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        curves[packing] = [r["loss"] for r in rows if "loss" in r]
+    assert len(curves[False]) == 4
+    for a, b in zip(curves[False], curves[True]):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), curves
+
+
+def test_sdpa_cudnn_backend_is_turned_off_on_a_gpu(monkeypatch, peft_block):
+    """cuDNN attention plans per input shape (the vision tower's batch changes every step): off on a GPU."""
+    from internvl_lora.config import TrainArgs
+    from internvl_lora.train.speed import speed_options
+
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        done = speed_options(peft_block(0.0), TrainArgs(fused=False), before_adapters=False)
+        assert done == ["SDPA without cuDNN"] and not torch.backends.cuda.cudnn_sdp_enabled()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        assert speed_options(peft_block(0.0), TrainArgs(fused=False), before_adapters=False) == []
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
+
+
+def test_checkpoint_some_layers():
+    from internvl_lora.train.speed import checkpoint_some_layers
+
+    class L:
+        gradient_checkpointing = True
+
+    layers = [L() for _ in range(28)]
+    for layer in layers:
+        layer.gradient_checkpointing = True
+    chosen = checkpoint_some_layers(layers, 0.5)
+    assert len(chosen) == 14 and chosen[:3] == [0, 2, 4]
+    assert [i for i, layer in enumerate(layers) if layer.gradient_checkpointing] == chosen
+    layers = [L() for _ in range(28)]
+    for layer in layers:
+        layer.gradient_checkpointing = True
+    assert len(checkpoint_some_layers(layers, 0.7)) == 20
+    assert sum(layer.gradient_checkpointing for layer in layers) == 20
+    assert checkpoint_some_layers(layers, 0.0) == [] and not any(layer.gradient_checkpointing for layer in layers)
+
+
+def _curve(cfg_path, out, overrides):
+    import json
+
+    from internvl_lora.config import load_config
+    from internvl_lora.train import train
+
+    cfg = load_config(cfg_path, ["train.max_steps=4", "train.logging_steps=1", "train.per_device_batch_size=4",
+                                 "train.report_to=[]", "train.save_steps=1000", f"train.output_dir={out}", *overrides])
+    train(cfg)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_training_options_fused_lora_and_checkpoint_share(tmp_path, capsys):
+    """train.fused_lora gives the loss curve of PEFT's path (float32, dropout on); train.checkpoint_layers
+    recomputes only that share of the LLM layers without changing the numbers; square loss trains."""
+    cfg_path = prepare(tmp_path / "d", n_train=16, n_heldout=2)
+    ref = _curve(cfg_path, tmp_path / "ref", ["train.fused=false", "policy.dropout=0.1"])
+    fused = _curve(cfg_path, tmp_path / "fused", ["train.fused=true", "policy.dropout=0.1",
+                                                  "train.gradient_checkpointing=true", "train.checkpoint_layers=0.5"])
+    printed = capsys.readouterr().out
+    assert "fused LoRA layers: " in printed and "chunked loss" in printed and "activation checkpointing on 2 of 3 LLM decoder layers" in printed
+    assert len(ref) == 4
+    for a, b in zip(ref, fused):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (ref, fused)
+    square = _curve(cfg_path, tmp_path / "square", ["train.loss_reduction=square", "data.packing=true"])
+    assert len(square) == 4 and all(x == x and x > 0 for x in square)
+
+
+@pytest.mark.parametrize("sharded", [{}, {"fsdp": True}, {"deepspeed": "configs/deepspeed/zero3.json"}])
+def test_fused_lora_stays_off_with_sharded_weights(sharded, peft_block):
+    """ZeRO-3 and FSDP keep PEFT's own LoRA path (the fused one was only run with whole weights)."""
+    from pathlib import Path
+
+    from internvl_lora.config import TrainArgs
+    from internvl_lora.lora.fused import FusedLoraLinear
+    from internvl_lora.train.speed import speed_options
+    from internvl_lora.train.trainer import sharded_weights
+
+    if "deepspeed" in sharded:
+        sharded = {"deepspeed": str(Path(__file__).resolve().parents[2] / sharded["deepspeed"])}
+    model = peft_block(0.1)
+    t = TrainArgs(**sharded)
+    done = speed_options(model, t, before_adapters=False, sharded=sharded_weights(t))
+    fused = [m for m in model.modules() if type(m) is FusedLoraLinear]
+    if sharded:
+        assert not fused and "off under ZeRO-3 / FSDP" in done[0]
+    else:
+        assert len(fused) == 5 and done[0] == "fused LoRA layers: 5"
+
+
+def test_speed_options_switches_are_restored_after_training(monkeypatch, peft_block):
+    """speed_options turns SDPA's cuDNN backend off on a GPU; `backend_switches_restored` (around train())
+    puts it back, also when training fails."""
+    from internvl_lora.config import TrainArgs
+    from internvl_lora.train.speed import backend_switches_restored, speed_options
+
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        with backend_switches_restored():
+            assert speed_options(peft_block(0.0), TrainArgs(fused=False), before_adapters=False) == ["SDPA without cuDNN"]
+            assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        with pytest.raises(RuntimeError), backend_switches_restored():
+            speed_options(peft_block(0.0), TrainArgs(fused=False), before_adapters=False)
+            raise RuntimeError("training failed")
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        torch.backends.cuda.enable_cudnn_sdp(False)  # a user's own choice is kept as well
+        with backend_switches_restored():
+            torch.backends.cuda.enable_cudnn_sdp(True)
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
+
+
+def test_train_restores_the_switches_when_it_fails(monkeypatch):
+    """train() runs inside `backend_switches_restored`: a failure after the speed options still restores them."""
+    import internvl_lora.train as train_mod
+
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+
+    def failing(cfg):
+        torch.backends.cuda.enable_cudnn_sdp(False)  # what speed_options does on a GPU
+        raise RuntimeError("out of memory")
+
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        monkeypatch.setattr(train_mod, "_train", failing)
+        with pytest.raises(RuntimeError):
+            train_mod.train(None)
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
+
+
+def test_varlen_gqa_probe_runs_on_first_use_only():
+    """Importing the module probes nothing; the answer is computed once, then cached."""
+    from internvl_lora.train import speed
+
+    speed._varlen_supports_gqa.cache_clear()
+    assert speed._varlen_supports_gqa.cache_info().currsize == 0
+    first = speed._varlen_supports_gqa()
+    assert isinstance(first, bool) and speed._varlen_supports_gqa.cache_info().currsize == 1
