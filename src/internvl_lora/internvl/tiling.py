@@ -62,7 +62,7 @@ def closest_grid(width: int, height: int, grids: list[tuple[int, int]], tile_siz
 
 
 def num_tiles(width: int, height: int, tile_size: int, max_num: int, min_num: int = 1, use_thumbnail: bool = True) -> int:
-    """How many tiles `tile_image` makes for an image of this size, without touching pixels."""
+    """How many tiles (grid, plus the thumbnail) an image of this size gets, without touching pixels."""
     cols, rows = closest_grid(width, height, candidate_grids(min_num, max_num), tile_size)
     n = cols * rows
     return n + 1 if use_thumbnail and n > 1 else n
