@@ -2,6 +2,8 @@
 
     python bench/loader_bench.py                 # default: 20 synthetic 1920x1080 JPEGs, 3 passes
     python bench/loader_bench.py --jpeg-draft    # opt-in reduced-scale JPEG decode (faster, ~1/255 pixel difference)
+    python bench/loader_bench.py --fast-resize   # opt-in torch uint8 resize (faster, not bit-identical)
+    python bench/loader_bench.py --pixel-diff    # worst difference of --fast-resize from the official pixels
     python bench/loader_bench.py --size 1800x1200 --augment --profile
 
 Each sample is one image with a question and an answer, encoded by `SupervisedDataset.__getitem__`
@@ -63,6 +65,40 @@ def make_data(folder: Path, n: int, size: tuple[int, int]) -> Path:
     return folder / "meta.json"
 
 
+def pixel_diff() -> dict:
+    """Largest |fast_resize - official| uint8 difference over varied pictures and sizes (448-px tiles, max 6)."""
+    from internvl_lora.internvl.tiling import candidate_grids, closest_grid, tile_pieces
+
+    def text(seed, w, h):
+        r = np.random.default_rng(seed)
+        img = Image.new("RGB", (w, h), (255, 255, 255))
+        d = ImageDraw.Draw(img)
+        for _ in range(max(4, h // 12)):
+            d.text((int(r.integers(0, max(1, w - 50))), int(r.integers(0, h))), "Hello World 0123 |||", fill=(0, 0, 0))
+        return img
+
+    def checker(seed, w, h):
+        x = (np.indices((h, w)).sum(0) % 2 * 255).astype(np.uint8)
+        return Image.fromarray(np.stack([x, 255 - x, x], -1))
+
+    def noise(seed, w, h):
+        return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+    out = {}
+    for name, make in (("photo", lambda k, w, h: photo(k, (w, h))), ("text", text), ("checker", checker),
+                       ("noise", noise)):
+        worst = {"shrink": 0, "upscale": 0}
+        for w, h in ((1920, 1080), (800, 600), (300, 1000), (100, 80), (37, 451), (4000, 1000), (1000, 1000),
+                     (500, 500), (2000, 3000)):
+            cols, rows = closest_grid(w, h, candidate_grids(1, 6), 448)
+            img = make(1, w, h)
+            a, b = (torch.cat(tile_pieces(img, cols, rows, 448, cols * rows > 1, fast=f)).int() for f in (False, True))
+            key = "shrink" if w >= 448 * cols and h >= 448 * rows else "upscale"
+            worst[key] = max(worst[key], int((a - b).abs().max()))
+        out[name] = worst
+    return out
+
+
 def load_tokenizer(path: str | None):
     from transformers import AutoTokenizer
 
@@ -81,11 +117,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--size", default="1920x1080")
     ap.add_argument("--max-dynamic-patch", type=int, default=6)
     ap.add_argument("--jpeg-draft", action="store_true", help="reduced-scale JPEG decode (default off: the official full decode)")
+    ap.add_argument("--fast-resize", action="store_true", help="torch uint8 resize (default off: PIL, the official pixels)")
+    ap.add_argument("--pixel-diff", action="store_true", help="only measure --fast-resize against the official pixels")
     ap.add_argument("--augment", action="store_true", help="data_augment on (JPEG re-encode of every tile)")
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--profile", action="store_true", help="print the top functions by cumulative time")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.pixel_diff:
+        out = {"max_abs_diff_of_255": pixel_diff()}
+        print(json.dumps(out))
+        return out
 
     from internvl_lora.data.audit import audit
     from internvl_lora.data.dataset import SupervisedDataset
@@ -98,9 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="loader-bench-") as tmp:
         meta = make_data(Path(tmp), args.images, (w, h))
         settings = EncodeSettings(template=get_template("internvl2_5"), tile_size=448, tokens_per_tile=256,
-                                  max_dynamic_patch=args.max_dynamic_patch, max_length=16384)
-        if hasattr(settings, "jpeg_draft"):
-            settings.jpeg_draft = args.jpeg_draft
+                                  max_dynamic_patch=args.max_dynamic_patch, max_length=16384,
+                                  jpeg_draft=args.jpeg_draft, fast_resize=args.fast_resize)
         specs = load_meta(meta)
         if args.augment:
             for s in specs:
@@ -129,8 +170,9 @@ def main(argv: list[str] | None = None) -> dict:
             pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
     out = {
         "image_size": f"{w}x{h}", "tiles_per_sample": tiles, "tokens_per_sample": int(first["input_ids"].numel()),
-        "samples": n, "jpeg_draft": getattr(settings, "jpeg_draft", None), "augment": args.augment,
+        "samples": n, "jpeg_draft": args.jpeg_draft, "fast_resize": args.fast_resize, "augment": args.augment,
         "samples_per_s_cpu": round(n / cpu, 1), "samples_per_s_wall": round(n / wall, 1),
+        "tiles_per_s_cpu": round(n * tiles / cpu, 1),
         "ms_per_sample_cpu": round(cpu / n * 1000, 2), "tokenizer": tok_name,
     }
     print(json.dumps(out))

@@ -52,6 +52,9 @@ class DataArgs:
     packing: bool = True  # each micro-batch in one row, no padding: varlen attention, loss on trained positions only
     max_tokens_per_batch: int = 0  # > 0: micro-batches filled to this many tokens (bin packing by length) instead of train.per_device_batch_size samples
     jpeg_draft: bool = False  # decode JPEGs at reduced scale when shrunk 2x or more (faster; ~1/255 pixel difference)
+    fast_resize: bool = False  # resize in torch's uint8 bicubic kernel instead of PIL's (faster; pixels not bit-identical to the official ones)
+    exif_transpose: bool = False  # turn images upright by their EXIF orientation (official: pixels used as stored)
+    alpha_background: str | None = None  # null: transparency dropped as the official convert("RGB") | white: composited on white
 
 
 @dataclass
@@ -242,6 +245,8 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
         p.append("set data.eval_meta or data.eval_fraction, not both")
     if cfg.data.truncation not in ("drop", "cut_text"):
         p.append(f"data.truncation must be drop or cut_text, got {cfg.data.truncation!r}")
+    if cfg.data.alpha_background not in (None, "white"):
+        p.append(f"data.alpha_background must be null or white, got {cfg.data.alpha_background!r}")
     if cfg.data.num_workers < 0:
         p.append("data.num_workers must be >= 0")
     if cfg.data.max_tokens_per_batch < 0:

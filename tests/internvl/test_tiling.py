@@ -16,13 +16,21 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from internvl_lora.internvl.tiling import (
+    as_u8,
     candidate_grids,
     closest_grid,
     jpeg_reencode,
-    normalize_tiles,
+    normalize,
     num_tiles,
-    tile_image,
+    tile_images,
+    tile_pieces,
 )
+
+
+def tile_image(image, tile_size, max_num, min_num=1, use_thumbnail=True):
+    """PIL tiles through the library's grid choice and tile cutting."""
+    cols, rows = closest_grid(*image.size, candidate_grids(min_num, max_num), tile_size)
+    return tile_images(tile_pieces(image, cols, rows, tile_size, use_thumbnail and cols * rows > 1))
 
 # --------------------------------------------------------------------------------------------------
 # reference
@@ -161,19 +169,21 @@ def test_normalize_types(kind):
     mean, std = NORMS[kind]
     color = (200, 100, 50)
     tiles = [Image.new("RGB", (8, 8), color), Image.new("RGB", (8, 8), (0, 0, 0))]
-    x = normalize_tiles(tiles, 8, kind)
+    x = normalize([as_u8(t) for t in tiles], kind)
     assert x.shape == (2, 3, 8, 8) and x.dtype == torch.float32
     for c in range(3):
         assert torch.allclose(x[0, c], torch.full((8, 8), (color[c] / 255 - mean[c]) / std[c]), atol=1e-6)
         assert torch.allclose(x[1, c], torch.full((8, 8), -mean[c] / std[c]), atol=1e-6)
 
 
-def test_normalize_resizes_and_converts():
-    x = normalize_tiles([Image.new("L", (5, 7), 128)], 8, "siglip")
-    assert x.shape == (1, 3, 8, 8)
-    assert torch.allclose(x, torch.full_like(x, (128 / 255 - 0.5) / 0.5), atol=1e-6)
+def test_normalize_is_to_tensor_then_normalize_in_float32():
+    x = normalize([as_u8(Image.new("RGB", (8, 8), (128, 3, 255)))], "imagenet")
+    mean, std = NORMS["imagenet"]
+    want = torch.tensor([128, 3, 255], dtype=torch.float32).div(255)
+    want = want.sub_(torch.tensor(mean, dtype=torch.float32)).div_(torch.tensor(std, dtype=torch.float32))
+    assert torch.equal(x[0, :, 0, 0], want)
     with pytest.raises(KeyError):
-        normalize_tiles([Image.new("RGB", (8, 8))], 8, "nope")
+        normalize([as_u8(Image.new("RGB", (8, 8)))], "nope")
 
 
 def test_jpeg_reencode_keeps_size_and_mode():

@@ -4,7 +4,8 @@ Each line is parsed, validated and encoded exactly as training will do it (image
 cheaply, tiles counted from their sizes, videos probed for their worst case), so anything that would
 fail or be cut during training is found here first, with file:line. Problems of the meta file itself
 (one bad dataset entry) are reported with the meta file's line and the other datasets are still
-checked. `train` runs the same audit before it starts.
+checked. `train` runs the same audit before it starts. Warnings (`WARNING_KINDS`: images the official
+RGB conversion blanks, strips of transparency or leaves sideways) are listed but do not fail it.
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ PROBLEM_KINDS = {
 }
 
 
+# Warnings: the sample still trains (as the official code would), but probably not as meant.
+WARNING_KINDS = {
+    "blank_image": "an image is one flat colour after conversion to RGB (e.g. a 16-bit PNG clipped to white)",
+    "alpha_dropped": "an image has transparent pixels that convert('RGB') drops (see data.alpha_background)",
+    "exif_rotated": "an image's EXIF orientation is not 1: used as stored, sideways or mirrored (see data.exif_transpose)",
+}
+
+
 @dataclass
 class Problem:
     kind: str
@@ -74,6 +83,7 @@ class AuditResult:
     valid: list[int] = field(default_factory=list)  # indices into `lines`
     lengths: dict[int, int] = field(default_factory=dict)  # index -> token count (video: worst case)
     problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)  # kinds in WARNING_KINDS; they do not make it fail
     images: int = 0
     videos: int = 0
     video_frames: int = 0  # worst case
@@ -106,6 +116,7 @@ class AuditResult:
             "tokens_min": lengths[0] if lengths else 0, "tokens_max": lengths[-1] if lengths else 0,
             "tokens_mean": round(sum(lengths) / len(lengths), 1) if lengths else 0,
             "problems_by_kind": self.by_kind(),
+            "warnings_by_kind": dict(collections.Counter(w.kind for w in self.warnings)),
         }
 
 
@@ -132,6 +143,7 @@ def audit(specs: list[DatasetSpec], tokenizer, settings: EncodeSettings, decode_
             result.problems.append(Problem(e.kind, e.path or ln.path, e.line or ln.line, e.detail))
             continue
         result.valid.append(ln.index)
+        result.warnings += [Problem(kind, ln.path, ln.line, msg) for kind, msg in enc.warnings]
         result.lengths[ln.index] = len(enc.input_ids)
         kinds[record.kind] += 1
         if record.video:
@@ -182,18 +194,25 @@ def format_report(result: AuditResult, max_problems: int = 50, max_locations: in
     if hist:
         out.append("token-length histogram:")
         out += ["  " + r for r in hist]
-    if result.problems:
-        out.append(f"problems by kind ({len(result.problems)}):")
-        groups: dict[str, list[Problem]] = {}
-        for p in result.problems:
-            groups.setdefault(p.kind, []).append(p)
-        for kind, ps in groups.items():
-            locs = ", ".join(f"{p.path}:{p.line}" if p.line is not None else str(p.path) for p in ps[:max_locations])
-            more = f", ... (+{len(ps) - max_locations})" if len(ps) > max_locations else ""
-            out.append(f"  {kind}: {len(ps)}  {locs}{more}")
-        out.append("problems:")
-        for p in result.problems[:max_problems]:
-            out.append("  " + str(p))
-        if len(result.problems) > max_problems:
-            out.append(f"  ... and {len(result.problems) - max_problems} more (see --json)")
+    out += _listing("problems", result.problems, max_problems, max_locations)
+    out += _listing("warnings", result.warnings, max_problems, max_locations,
+                    note="; not errors, these samples train as they are")
     return "\n".join(out)
+
+
+def _listing(title: str, items: list[Problem], max_items: int, max_locations: int, note: str = "") -> list[str]:
+    if not items:
+        return []
+    out = [f"{title} by kind ({len(items)}{note}):"]
+    groups: dict[str, list[Problem]] = {}
+    for p in items:
+        groups.setdefault(p.kind, []).append(p)
+    for kind, ps in groups.items():
+        locs = ", ".join(f"{p.path}:{p.line}" if p.line is not None else str(p.path) for p in ps[:max_locations])
+        more = f", ... (+{len(ps) - max_locations})" if len(ps) > max_locations else ""
+        out.append(f"  {kind}: {len(ps)}  {locs}{more}")
+    out.append(f"{title}:")
+    out += ["  " + str(p) for p in items[:max_items]]
+    if len(items) > max_items:
+        out.append(f"  ... and {len(items) - max_items} more (see --json)")
+    return out

@@ -4,13 +4,12 @@ This is the official preprocessing (dataset.py `multi_modal_get_item` and friend
 a sample that does not fit is never silently replaced or given a zero loss — it is reported — a
 truncation can never cut inside an image block, and a sample with no trained token is an error.
 
-Pixels take a fast path (measured by bench/loader_bench.py, figures in docs/data.md): a JPEG that is
-shrunk by 2x or more is decoded at reduced scale (`jpeg_draft`, libjpeg DCT scaling: about 1/255 mean
-difference from a full decode); the bicubic resize runs in torch's uint8 antialiased kernel (PIL's
-filter, a = -0.5, within 2/255 of PIL's output); tiles are views into the resized grid (no per-tile
-crops) and normalization is one uint8->float copy plus one multiply-add. With `jpeg_draft=False` the
-pixels are the official full-resolution path (decode, `resize` bicubic, crop, `ToTensor`,
-`Normalize`) up to that resize rounding.
+Pixels are the official ones by default, bit for bit (`internvl.tiling`): `Image.open(path).convert("RGB")`,
+PIL bicubic resize, crops, thumbnail, `ToTensor`, `Normalize`. Opt-in settings trade that for speed
+(`fast_resize`: torch's uint8 resize; `jpeg_draft`: reduced-scale JPEG decode) or fix what the official
+conversion gets wrong (`exif_transpose`, `alpha_background`); every image of training, chat and
+validate is opened here (`open_image`), so they all apply them the same way. The audit's cheap decode
+(`check_image`) also reports images the conversion blanks or turns sideways (docs/data.md).
 """
 
 from __future__ import annotations
@@ -19,11 +18,12 @@ import functools
 import os
 import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import DataError, UserError
 from ..internvl.checkpoint import CheckpointInfo
@@ -31,11 +31,15 @@ from ..internvl.constants import (
     IGNORE_INDEX, IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, NORMALIZE,
 )
 from ..internvl.templates import Template, TemplateMismatch, encode_conversation, get_template
-from ..internvl.tiling import candidate_grids, closest_grid, jpeg_reencode
+from ..internvl.tiling import (  # noqa: F401  (normalize, tile_images: the pixel API callers import from here)
+    as_u8, candidate_grids, closest_grid, jpeg_reencode, normalize, tile_images, tile_pieces,
+)
 from .records import Record
 
 IMAGE_BLOCK = IMG_START_TOKEN + IMG_CONTEXT_TOKEN + IMG_END_TOKEN
 TRUNCATION_POLICIES = ("drop", "cut_text")
+ALPHA_BACKGROUNDS = {None: None, "white": (255, 255, 255)}
+EXIF_ORIENTATION = 0x0112
 
 
 @dataclass
@@ -57,8 +61,13 @@ class EncodeSettings:
     min_num_frames: int = 8
     max_num_frames: int = 32
     jpeg_draft: bool = False  # decode JPEGs at reduced scale when shrunk 2x or more (faster; ~1/255 pixel difference)
+    fast_resize: bool = False  # resize in torch's uint8 bicubic kernel instead of PIL (faster; not bit-identical)
+    exif_transpose: bool = False  # rotate by the EXIF orientation (official: pixels used as stored)
+    alpha_background: str | None = None  # None: alpha dropped as convert("RGB") | "white": composited on white
 
     def __post_init__(self):
+        if self.alpha_background not in ALPHA_BACKGROUNDS:
+            raise UserError(f"alpha_background must be null or white, got {self.alpha_background!r}")
         if self.truncation not in TRUNCATION_POLICIES:
             raise UserError(f"truncation must be one of {', '.join(TRUNCATION_POLICIES)}, got {self.truncation!r}")
         if self.normalize_type not in NORMALIZE:
@@ -89,6 +98,7 @@ class Encoded:
     pixel_values: torch.Tensor | None  # (sum(num_tiles), 3, S, S) float32, or None for text-only / no pixels
     tiles: list[Image.Image] | None = None  # tiles before normalization (tile_size square), when asked for
     cut: int = 0  # tokens removed by `cut_text` truncation
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (kind, message), from the audit's image check
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,11 +116,11 @@ def _image_error(path: str, source, e: Exception, when: str) -> DataError:
 
 
 def open_image(path: str, max_pixels: int, source: tuple[str, int], decode: bool = True,
-               draft: tuple[int, int] | None = None) -> Image.Image:
+               draft: tuple[int, int] | None = None, settings: EncodeSettings | None = None) -> Image.Image:
     """Open an image safely: a clear error for missing, unreadable, truncated or oversized files.
 
     `draft=(w, h)`: let a JPEG decoder scale down by a power of two while staying at least that big.
-    With `decode` the image is loaded and in RGB mode.
+    With `decode` the image is loaded and in RGB mode, converted as `settings` say (`to_rgb`).
     """
     file, line = source
     try:
@@ -131,11 +141,52 @@ def open_image(path: str, max_pixels: int, source: tuple[str, int], decode: bool
         img.close()
         raise DataError("huge_image", f"{path} is {w}x{h} pixels, above the limit of {max_pixels} "
                         "(data.max_image_pixels; a guard against decompression bombs)", file, line)
-    return _decode(img, path, source, draft) if decode else img
+    return _decode(img, path, source, draft, settings) if decode else img
 
 
-def check_image(path: str, max_pixels: int, source: tuple[str, int]) -> tuple[int, int]:
-    """Size of an image after a cheap but complete decode (JPEG draft mode at 1/8 scale)."""
+def _decode(img: Image.Image, path: str, source, draft: tuple[int, int] | None,
+            settings: EncodeSettings | None) -> Image.Image:
+    try:
+        if draft is not None and img.format == "JPEG":
+            img.draft("RGB", draft)
+        img.load()
+        return to_rgb(img, settings)
+    except Exception as e:
+        raise _image_error(path, source, e, "decode") from None
+
+
+def _orientation(img: Image.Image) -> int:
+    return int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
+
+
+def to_rgb(img: Image.Image, settings: EncodeSettings | None = None) -> Image.Image:
+    """A loaded image as RGB. Default: the official `convert("RGB")` (alpha dropped, EXIF orientation
+    ignored); `settings.exif_transpose` rotates upright first, `settings.alpha_background` composites
+    transparent pixels on that colour."""
+    if settings is not None and settings.exif_transpose and _orientation(img) != 1:
+        img = ImageOps.exif_transpose(img)
+    bg = ALPHA_BACKGROUNDS[settings.alpha_background] if settings is not None else None
+    if bg is not None and _has_alpha(img):
+        rgba = img.convert("RGBA")
+        out = Image.new("RGBA", rgba.size, (*bg, 255))
+        out.alpha_composite(rgba)
+        img = out
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+
+
+class ImageCheck(NamedTuple):
+    size: tuple[int, int]  # (width, height) as training sees it (after an EXIF transpose when asked for)
+    warnings: tuple[tuple[str, str], ...] = ()  # (kind, message)
+
+
+def check_image(path: str, max_pixels: int, source: tuple[str, int],
+                settings: EncodeSettings | None = None) -> ImageCheck:
+    """Size of an image after a cheap but complete decode (JPEG draft mode at 1/8 scale), and warnings for
+    what the RGB conversion would hide (`image_warnings`), from that same decode."""
     img = open_image(path, max_pixels, source, decode=False)
     w, h = img.size
     try:
@@ -143,9 +194,33 @@ def check_image(path: str, max_pixels: int, source: tuple[str, int]) -> tuple[in
             if img.format == "JPEG":
                 img.draft(None, (max(1, w // 8), max(1, h // 8)))
             img.load()
+            turn = settings is not None and settings.exif_transpose and _orientation(img) in (5, 6, 7, 8)
+            found = tuple(image_warnings(img, path, settings))
     except Exception as e:
         raise _image_error(path, source, e, "decode") from None
-    return w, h
+    return ImageCheck((h, w) if turn else (w, h), found)
+
+
+def image_warnings(img: Image.Image, path: str, settings: EncodeSettings | None):
+    """(kind, message) for a loaded image that the RGB conversion turns blank, strips of its transparency
+    or leaves sideways (only where the settings do not already fix it)."""
+    keep_alpha = settings is not None and settings.alpha_background is not None
+    if not keep_alpha and _has_alpha(img):
+        alpha = (img if "A" in img.getbands() else img.convert("RGBA")).getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            yield ("alpha_dropped", f"image {path} (mode {img.mode}) has transparent pixels; convert('RGB') drops "
+                   "the alpha and shows the colour stored under them (often black); set data.alpha_background: "
+                   "white to composite them on white")
+    orientation = _orientation(img)
+    if orientation != 1 and not (settings is not None and settings.exif_transpose):
+        yield ("exif_rotated", f"image {path} has EXIF orientation {orientation}: viewers show it turned or "
+               "mirrored, training uses the pixels as stored (official); set data.exif_transpose: true to "
+               "turn it upright")
+    rgb = to_rgb(img, settings)
+    if all(lo == hi for lo, hi in rgb.getextrema()):
+        why = " (16-bit or 32-bit values clip to white in convert('RGB'))" if img.mode.startswith(("I", "F")) else ""
+        yield ("blank_image", f"image {path} (mode {img.mode}) is one flat colour {rgb.getpixel((0, 0))} after "
+               f"conversion to RGB{why}: the model sees a blank image")
 
 
 @functools.lru_cache(maxsize=64)
@@ -168,84 +243,32 @@ def count_tiles(width: int, height: int, settings: EncodeSettings, max_num: int)
     return cols * rows + int(thumb)
 
 
-def _to_tensor(arr: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) array -> (1, 3, H, W) uint8 tensor sharing its memory (channels-last layout)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only arrays from PIL: never written to
-        return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
-
-
-def resize_u8(x: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """Bicubic resize of a (1, 3, H, W) uint8 tensor as PIL's `Image.resize(BICUBIC)` does it (antialiased
-    when shrinking, a = -0.5); torch's uint8 kernel is ~5x faster and within 2/255 of PIL (mean < 0.01)."""
-    if tuple(x.shape[-2:]) == (height, width):
-        return x
-    return torch.nn.functional.interpolate(x, size=(height, width), mode="bicubic", antialias=True)
-
-
 def image_tiles(path: str, settings: EncodeSettings, max_num: int, source: tuple[str, int]) -> list[torch.Tensor]:
     """The tiles of one image, uint8 (k, 3, S, S) pieces (views, not copies): the grid row by row, row-major
     as the official crop order, then the thumbnail."""
     s = settings.tile_size
     img = open_image(path, settings.max_image_pixels, source, decode=False)
-    cols, rows, thumb = tile_grid(*img.size, settings, max_num)
-    gw, gh = cols * s, rows * s
-    img = _decode(img, path, source, (gw, gh) if settings.jpeg_draft else None)
-    x = _to_tensor(np.asarray(img))
-    grid = resize_u8(x, gw, gh)[0]
-    pieces = [grid[:, r * s:(r + 1) * s, :].unfold(2, s, s).permute(2, 0, 1, 3) for r in range(rows)]
-    if thumb:
-        pieces.append(resize_u8(x, s, s))
-    return pieces
+    w, h = img.size
+    if settings.exif_transpose and _orientation(img) in (5, 6, 7, 8):
+        w, h = h, w
+    cols, rows, thumb = tile_grid(w, h, settings, max_num)
+    draft = (cols * s, rows * s) if settings.jpeg_draft else None
+    if draft and (w, h) != img.size:
+        draft = draft[::-1]  # the stored image is transposed
+    img = _decode(img, path, source, draft, settings)
+    return tile_pieces(img, cols, rows, s, thumb, fast=settings.fast_resize)
 
 
-def _decode(img: Image.Image, path: str, source, draft: tuple[int, int] | None) -> Image.Image:
-    """Load an opened image as RGB (official: `Image.open(path).convert("RGB")`, alpha dropped)."""
-    try:
-        if draft is not None and img.format == "JPEG":
-            img.draft("RGB", draft)
-        img.load()
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-    except Exception as e:
-        raise _image_error(path, source, e, "decode") from None
-    return img
-
-
-def frame_tile(frame: Image.Image, tile_size: int) -> torch.Tensor:
+def frame_tile(frame: Image.Image, tile_size: int, fast_resize: bool = False) -> torch.Tensor:
     """A video frame as one tile (official: `dynamic_preprocess(max_num=1)` = resize to S x S)."""
     if frame.mode != "RGB":
         frame = frame.convert("RGB")
-    return resize_u8(_to_tensor(np.asarray(frame)), tile_size, tile_size)
-
-
-def tile_images(pieces: list[torch.Tensor]) -> list[Image.Image]:
-    """uint8 tile pieces -> one RGB PIL image per tile."""
-    return [Image.fromarray(np.ascontiguousarray(t.permute(1, 2, 0).numpy())) for p in pieces for t in p]
+    return tile_pieces(frame, 1, 1, tile_size, False, fast=fast_resize)[0]
 
 
 def _augment(pieces: list[torch.Tensor], rng: random.Random) -> list[torch.Tensor]:
     """The official `data_augment`: every tile re-encoded as JPEG with quality drawn from 75..100."""
-    return [_to_tensor(np.asarray(jpeg_reencode(t, rng))) for t in tile_images(pieces)]
-
-
-@functools.lru_cache(maxsize=8)
-def _affine(normalize_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in NORMALIZE[normalize_type])
-    return 1.0 / (255.0 * std), -mean / std
-
-
-def normalize(pieces: list[torch.Tensor], normalize_type: str = "imagenet") -> torch.Tensor:
-    """uint8 (k, 3, S, S) pieces -> one float32 (n, 3, S, S) tensor: x / 255, then (x - mean) / std per
-    channel (`ToTensor` + `Normalize`), in one gather-convert pass and one multiply-add pass."""
-    n = sum(p.shape[0] for p in pieces)
-    out = torch.empty((n, *pieces[0].shape[1:]), dtype=torch.float32)
-    o = 0
-    for p in pieces:
-        out[o:o + p.shape[0]].copy_(p)
-        o += p.shape[0]
-    scale, shift = _affine(normalize_type)
-    return out.mul_(scale).add_(shift)
+    return [as_u8(jpeg_reencode(t, rng)) for t in tile_images(pieces)]
 
 
 def tiles_budget(settings: EncodeSettings, dataset_max_patch: int | None, n_images: int) -> int:
@@ -439,6 +462,7 @@ def encode_record(record: Record, tokenizer, settings: EncodeSettings, *, datase
     turns = list(record.turns)
     pieces: list[torch.Tensor] = []
     counts: list[int] = []
+    found: list[tuple[str, str]] = []
     if record.images:
         budget = tiles_budget(settings, dataset_max_patch, len(record.images))
         for path in record.images:
@@ -449,7 +473,9 @@ def encode_record(record: Record, tokenizer, settings: EncodeSettings, *, datase
                 pieces += tiles
                 counts.append(sum(t.shape[0] for t in tiles))
             else:
-                counts.append(count_tiles(*_cached_size(path, settings, source, size_cache), settings, budget))
+                check = _cached_check(path, settings, source, size_cache)
+                counts.append(count_tiles(*check.size, settings, budget))
+                found += check.warnings
         turns = expand_turns(turns, IMAGE_PLACEHOLDER, len(record.images))
     elif record.video:
         from .video import expand_video_placeholder, load_video
@@ -462,7 +488,7 @@ def encode_record(record: Record, tokenizer, settings: EncodeSettings, *, datase
                 raise _video_error(e, source) from None
             except ValueError as e:
                 raise UserError(f"video sampling: {e}") from None
-            pieces = [frame_tile(f, settings.tile_size) for f in frames]
+            pieces = [frame_tile(f, settings.tile_size, settings.fast_resize) for f in frames]
             n_frames = len(frames)
         elif video_frames is not None:
             n_frames = video_frames
@@ -490,16 +516,16 @@ def encode_record(record: Record, tokenizer, settings: EncodeSettings, *, datase
         pixel_values = normalize(pieces, settings.normalize_type)
         if keep_tiles:
             kept = tile_images(pieces)
-    return Encoded(ids, labels, counts, pixel_values, kept, cut)
+    return Encoded(ids, labels, counts, pixel_values, kept, cut, found)
 
 
-def _cached_size(path: str, settings: EncodeSettings, source, cache: dict | None) -> tuple[int, int]:
+def _cached_check(path: str, settings: EncodeSettings, source, cache: dict | None) -> ImageCheck:
     if cache is None:
-        return check_image(path, settings.max_image_pixels, source)
+        return check_image(path, settings.max_image_pixels, source, settings)
     hit = cache.get(path)
     if hit is None:
         try:
-            hit = check_image(path, settings.max_image_pixels, source)
+            hit = check_image(path, settings.max_image_pixels, source, settings)
         except DataError as e:
             hit = e
         cache[path] = hit
