@@ -40,7 +40,7 @@ class ChatSession:
         self.frames = load_frames(video, loaded.settings, num_frames=num_frames) if video else None
         s = loaded.settings
         if self.frames is not None:
-            tiles, self.counts = [frame_tile(f, s.tile_size) for f in self.frames], [1] * len(self.frames)
+            tiles, self.counts = [frame_tile(f, s.tile_size, s.fast_resize) for f in self.frames], [1] * len(self.frames)
         else:
             tiles, self.counts = image_tiles(self.images, s) if self.images else ([], [])
         self.pixels = normalize(tiles, s.normalize_type) if tiles else None

@@ -58,7 +58,8 @@ def data_check(
     tokenizer, settings = _settings(model, template, max_length, max_dynamic_patch, truncation)
     result = audit(load_meta(meta), tokenizer, settings)
     if as_json:
-        print(json.dumps({**result.summary(), "problems": [p.__dict__ for p in result.problems]}, indent=2))
+        print(json.dumps({**result.summary(), "problems": [p.__dict__ for p in result.problems],
+                          "warnings": [w.__dict__ for w in result.warnings]}, indent=2))
     else:
         print(format_report(result))
     raise typer.Exit(0 if result.ok else 1)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .data.encode import IMAGE_BLOCK, EncodeSettings, frame_tile, normalize, open_image
+from .data.encode import IMAGE_BLOCK, EncodeSettings, frame_tile, normalize
 from .errors import UserError
 from .internvl.checkpoint import inspect_checkpoint, load_model, load_tokenizer
 from .internvl.constants import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, VIDEO_PLACEHOLDER
@@ -117,10 +117,7 @@ def image_tiles(paths: list[str], settings: EncodeSettings, blank: bool = False)
     budget = tiles_budget(settings, None, len(paths))
     pieces, counts = [], []
     for p in paths:
-        if settings.dynamic_image_size:
-            these = encode_tiles(p, settings, budget, (p, 0))
-        else:  # one tile: the whole image resized, as dynamic_image_size=False does in training
-            these = [frame_tile(open_image(p, settings.max_image_pixels, (p, 0)), settings.tile_size)]
+        these = encode_tiles(p, settings, budget, (p, 0))  # dynamic_image_size off: one whole-image tile, as in training
         if blank:
             these = [torch.full_like(t, 255) for t in these]
         pieces += these
@@ -200,7 +197,7 @@ def build_inputs(question: str, images: list[str], settings: EncodeSettings, tok
                  blank: bool = False, video_frames: list | None = None) -> tuple[list[int], torch.Tensor | None]:
     """Token ids and pixel values for one question (with its history), as the official `chat` builds them."""
     if video_frames is not None:
-        tiles, counts = [frame_tile(f, settings.tile_size) for f in video_frames], [1] * len(video_frames)
+        tiles, counts = [frame_tile(f, settings.tile_size, settings.fast_resize) for f in video_frames], [1] * len(video_frames)
     elif images:
         tiles, counts = image_tiles(images, settings, blank=blank)
     else:

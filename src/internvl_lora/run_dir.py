@@ -126,7 +126,8 @@ def run_metadata(cfg, info, settings, data_fp: dict) -> dict:
         "template": settings.template.name,
         "encode": {k: getattr(settings, k) for k in (
             "tile_size", "tokens_per_tile", "max_dynamic_patch", "min_dynamic_patch", "use_thumbnail",
-            "dynamic_image_size", "normalize_type", "max_length")},
+            "dynamic_image_size", "normalize_type", "max_length", "jpeg_draft", "fast_resize", "exif_transpose",
+            "alpha_background")},
         "policy": cfg.to_dict()["policy"],
         "dataset_fingerprint": data_fp["train"],
         "data": data_fp,

@@ -49,6 +49,7 @@ def encode_settings(cfg: RunConfig, info: CheckpointInfo) -> EncodeSettings:
         info, template=cfg.model.template, max_length=d.max_length, max_dynamic_patch=d.max_dynamic_patch,
         truncation=d.truncation, max_image_pixels=d.max_image_pixels, video_sample=d.video_sample,
         min_num_frames=d.min_num_frames, max_num_frames=d.max_num_frames, jpeg_draft=d.jpeg_draft,
+        fast_resize=d.fast_resize, exif_transpose=d.exif_transpose, alpha_background=d.alpha_background,
     )
 
 
