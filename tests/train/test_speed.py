@@ -233,3 +233,27 @@ def test_varlen_gqa_probe_runs_on_first_use_only():
     assert speed._varlen_supports_gqa.cache_info().currsize == 0
     first = speed._varlen_supports_gqa()
     assert isinstance(first, bool) and speed._varlen_supports_gqa.cache_info().currsize == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_attention_on_a_gpu_in_every_dtype(dtype):
+    """float32 packed training on a GPU (the demo's dtype) used to reach the flash-based varlen kernel, which
+    takes fp16 / bf16 only; every dtype must give per-sample causal attention."""
+    from internvl_lora.train.speed import _varlen_attention
+
+    torch.manual_seed(0)
+    lens = [5, 11, 7]
+    cu = torch.tensor([0, 5, 16, 23], dtype=torch.int32, device="cuda")
+    q = torch.randn(1, 4, 23, 16, device="cuda", dtype=dtype)
+    k, v = (torch.randn(1, 2, 23, 16, device="cuda", dtype=dtype) for _ in range(2))
+    out, _ = _varlen_attention(None, q, k, v, None, scaling=0.25, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=11)
+    a = 0
+    for n in lens:
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, a:a + n].float(), k[:, :, a:a + n].float(), v[:, :, a:a + n].float(), is_causal=True, scale=0.25,
+            enable_gqa=True)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert torch.allclose(out[0, a:a + n].float(), ref[0].transpose(0, 1), atol=tol), (dtype, n)
+        a += n

@@ -51,7 +51,7 @@ def _varlen_attention(module, query, key, value, attention_mask, scaling=None, d
                                       **kwargs)
     max_len = int(kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max()))
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, D)
-    if q.is_cuda:
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         from torch.nn.attention.varlen import varlen_attn
 
         gqa = _varlen_supports_gqa()
@@ -61,7 +61,7 @@ def _varlen_attention(module, query, key, value, attention_mask, scaling=None, d
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
         extra = {"enable_gqa": True} if gqa else {}
         out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0), **extra)
-    else:
+    else:  # CPU, or float32 on a GPU (the flash-based varlen kernel takes fp16 / bf16 only): SDPA per sample
         outs = []
         bounds = cu.tolist()
         for a, b in zip(bounds[:-1], bounds[1:]):
