@@ -8,8 +8,9 @@
 
 Each sample is one image with a question and an answer, encoded by `SupervisedDataset.__getitem__`
 exactly as training does it (parse, decode, tile, normalize, template, tokenize, labels). Torch and
-the tokenizer run on one thread. The tokenizer is the real Qwen2 BPE of InternVL2.5 from
-shared/fixtures/real when present (`--tokenizer DIR` to choose), else the tiny test tokenizer.
+the tokenizer run on one thread. The tokenizer is the real Qwen2 BPE of InternVL2.5 (the
+InternVL2_5-1B-MPO tokenizer files) when given with `--tokenizer DIR` or found by default in a fixtures
+folder beside the repository, else the tiny test tokenizer.
 Prints one JSON object: samples/s on one core by CPU time (`process_time`, robust to other load on
 the machine) and by wall time, with the per-stage split when `--profile` is given.
 """

@@ -6,7 +6,7 @@ What runs: the model built from a real-shaped config (InternViT-300M + Qwen2.5 L
 2B / 8B), our LoRA policy (`lora.policy.apply_policy`: r16 on the LLM, vision and projector frozen), our
 collators (`data.collate.PackedCollator` or `PadCollator`), our `train.trainer.InternVLTrainer` driven by
 `Trainer.train()` with bf16 and AdamW — only the dataset is synthetic (no tokenizer, no images: ids
-and random tiles). Samples follow ../shared/bench/naive_lora_step.py exactly (same RNG, same draws):
+and random tiles). Samples follow bench/naive_lora_step.py exactly (same RNG, same draws):
 1–6 tiles (+ thumbnail when > 1), 16–64 prefix tokens, 16–128 question tokens, 32–512 answer tokens
 (the only trained ones), per-device batch 4.
 
