@@ -367,13 +367,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, che
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    """Write the config with every path absolute, so that it reruns from any working folder."""
-    d = cfg.to_dict()
-    for section, key in (("model", "path"), ("data", "meta"), ("data", "eval_meta"), ("train", "deepspeed"),
-                         ("train", "fsdp_config"), ("train", "output_dir")):
-        v = d[section][key]
-        if isinstance(v, str) and v:
-            d[section][key] = str(Path(v).resolve())
+    d = cfg.to_dict()  # every path saved absolute: the file reruns from any working folder
+    for sec, key in (("model", "path"), ("data", "meta"), ("data", "eval_meta"), ("train", "deepspeed"),
+                     ("train", "fsdp_config"), ("train", "output_dir")):
+        d[sec][key] = str(Path(d[sec][key]).resolve()) if isinstance(d[sec][key], str) and d[sec][key] else d[sec][key]
     Path(path).write_text(yaml.safe_dump(d, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
