@@ -105,6 +105,7 @@ class TrainArgs:
     fsdp_config: dict | str | None = None  # FSDP settings (transformers TrainingArguments.fsdp_config): a mapping or a JSON path
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard | wandb | mlflow ... ([] for none)
     resume: bool = False  # continue from the last complete checkpoint in output_dir
+    overwrite: bool = False  # start over in an output_dir that holds an earlier run (its adapter, checkpoints and metrics are deleted); without it (or resume) such a run is refused
     group_by_length: bool = True  # batches of similar length (less padding), lengths from the data audit
     dummy_vision: str = "auto"  # run the vision tower on a blank tile for text-only batches: auto (when distributed) | always | never
     watchdog: bool = True  # stop with a diagnosis on loss 0 / NaN, batches with no trained token, dead LoRA, exploding gradients
@@ -366,7 +367,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, che
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    d = cfg.to_dict()  # every path saved absolute: the file reruns from any working folder
+    for sec, key in (("model", "path"), ("data", "meta"), ("data", "eval_meta"), ("train", "deepspeed"),
+                     ("train", "fsdp_config"), ("train", "output_dir")):
+        d[sec][key] = str(Path(d[sec][key]).resolve()) if isinstance(d[sec][key], str) and d[sec][key] else d[sec][key]
+    Path(path).write_text(yaml.safe_dump(d, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
 def _field_docs(cls) -> dict[str, str]:

@@ -64,7 +64,7 @@ def run(out: str | Path = "demo_out", n_train: int = 1600, n_heldout: int = 100,
     out = Path(out).resolve()
     print(f"[0/6] building the tiny InternVL and the synthetic dataset in {out}", flush=True)
     config_path = prepare(out, n_train, n_heldout)
-    overrides = [f"train.epochs={epochs}"] if epochs else []
+    overrides = ["train.overwrite=true"] + ([f"train.epochs={epochs}"] if epochs else [])  # the demo rebuilds its folder
     cfg = load_config(config_path, overrides)
 
     print("[1/6] data check", flush=True)

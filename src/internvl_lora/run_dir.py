@@ -178,6 +178,61 @@ def find_resume_checkpoint(out: Path) -> Path | None:
     return last
 
 
+RUN_OUTPUTS = ("adapter", ".adapter.partial", INIT_ADAPTER, "metrics.jsonl", "tensorboard", "loss_curve.png",
+               RUN_META, "trainable_params.json", "config.yaml")
+
+
+def earlier_run(out: Path) -> list[str]:
+    """What of an earlier run `out` holds (a final adapter, checkpoints, metrics), for the refusal message."""
+    if not out.is_dir():
+        return []
+    held = []
+    if (out / "adapter").exists():
+        held.append("a final adapter (adapter/)")
+    if checkpoints(out):
+        held.append(f"{len(checkpoints(out))} checkpoint(s) ({', '.join(p.name for p in checkpoints(out))})")
+    if (out / "metrics.jsonl").exists():
+        held.append("metrics.jsonl")
+    return held
+
+
+def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse, before anything is loaded or written, an output_dir that is a file or holds an earlier run
+    (unless train.resume continues it or train.overwrite replaces it): a second run must not lose the first."""
+    if resume and overwrite:
+        raise UserError("train.resume=true and train.overwrite=true contradict each other: choose one")
+    bad = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if bad is not None:
+        raise UserError(f"train.output_dir {out}: {bad} is a file, not a folder; choose another train.output_dir")
+    held = earlier_run(out)
+    if held and not (resume or overwrite):
+        raise UserError(
+            f"train.output_dir {out} already holds an earlier run: {', '.join(held)}. Add train.resume=true to "
+            "continue it, or train.overwrite=true to start over (its outputs are deleted), or choose another "
+            "train.output_dir")
+
+
+def clear_earlier_run(out: Path) -> None:
+    """train.overwrite: delete what an earlier run wrote there (only those names: the folder may hold other files)."""
+    for p in [*checkpoints(out), *(out / name for name in RUN_OUTPUTS)]:
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def resume_command(out: Path, argv: list[str], overwrite: bool = False) -> str:
+    """The command that continues this run: the same `train` command line with train.resume=true (or, when
+    train() was not started from the command line, the saved config, whose paths are absolute)."""
+    import shlex
+
+    if len(argv) > 1 and argv[1] == "train":
+        args = [a for a in argv[2:] if not a.startswith(("train.resume=", "train.overwrite="))]
+        return shlex.join(["internvl-lora", "train", *args, "train.resume=true"])
+    extra = ["train.overwrite=false"] if overwrite else []  # the saved config keeps the run's overwrite=true
+    return shlex.join(["internvl-lora", "train", str(out / "config.yaml"), *extra, "train.resume=true"])
+
+
 def check_resume_compatible(out: Path, cfg) -> None:
     """The policy decides which parameters exist: a checkpoint of another policy cannot be resumed."""
     saved = out / "config.yaml"

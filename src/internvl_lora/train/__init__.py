@@ -14,6 +14,7 @@ policy) so merge, chat and validate need only that path. docs/training.md descri
 from __future__ import annotations
 
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -31,8 +32,9 @@ from ..errors import CheckpointSaveError, UserError
 from ..internvl.checkpoint import CheckpointInfo, inspect_checkpoint, load_model, load_tokenizer
 from ..lora.policy import MUTATING_INITS, apply_policy, format_table, is_peft, save_initial_adapter, trainable_table
 from ..run_dir import (
-    INIT_ADAPTER, RUN_META, check_resume_compatible, checkpoints, find_resume_checkpoint, fingerprint, read_json,
-    resolve_dtype, run_metadata, save_final, write_json,
+    INIT_ADAPTER, RUN_META, check_output_dir, check_resume_compatible, clear_earlier_run, earlier_run,
+    find_resume_checkpoint, fingerprint, last_complete_checkpoint, read_json, resolve_dtype, resume_command,
+    run_metadata, save_final, write_json,
 )
 from .callbacks import GenerationEval, LogLine, LossCurve, StepStats, TrainingHealthError, Watchdog, generation_samples
 from .speed import backend_switches_restored, register_varlen_attention, speed_options
@@ -103,18 +105,14 @@ def _train(cfg: RunConfig) -> Path:
     t_start = time.time()
     t = cfg.train
     out = Path(t.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # Nothing is written before the checks (a refused run leaves no trace) and the data audit.
+    check_output_dir(out, t.resume, t.overwrite)
     resume = None
     if t.resume:
         resume = find_resume_checkpoint(out)
         if resume:
             check_resume_compatible(out, cfg)
         print0(f"resuming from {resume}" if resume else f"no complete checkpoint in {out} to resume from; starting fresh")
-    elif checkpoints(out):
-        print0(f"warning: {out} already holds {len(checkpoints(out))} checkpoint(s) of an earlier run; they may be "
-               "rotated away. To continue that run instead, add train.resume=true")
-    if is_main():
-        save_config(cfg, out / "config.yaml")
 
     info = inspect_checkpoint(cfg.model.path)
     tokenizer = load_tokenizer(cfg.model.path)
@@ -139,6 +137,15 @@ def _train(cfg: RunConfig) -> Path:
     if cfg.policy.init in MUTATING_INITS and zero_stage(t.deepspeed) == 3:
         raise UserError(f"policy.init={cfg.policy.init} is not supported with DeepSpeed ZeRO-3 (the adapter "
                         "conversion needs whole weights); use ZeRO-1/2, DDP or policy.init=default")
+    if is_main() and t.overwrite and earlier_run(out):
+        print0(f"train.overwrite=true: deleting the earlier run in {out} ({', '.join(earlier_run(out))})")
+        clear_earlier_run(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create train.output_dir {out}: {e.strerror or e}") from None
+    if is_main():
+        save_config(cfg, out / "config.yaml")
     # TrainingArguments before the model: with ZeRO-3 the weights are then partitioned while loading.
     args = training_arguments(cfg, out, dtype, eval_ds is not None)
 
@@ -204,7 +211,14 @@ def _train(cfg: RunConfig) -> Path:
     if gen_eval is not None:
         gen_eval.trainer = trainer
 
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except KeyboardInterrupt:
+        last = last_complete_checkpoint(out)
+        print0("\ninterrupted: " + (f"the last complete checkpoint is {last}" if last else
+                                   f"no checkpoint was complete yet (one every train.save_steps={t.save_steps} steps)"))
+        print0(f"to continue: {resume_command(out, sys.argv, t.overwrite)}")
+        raise  # cli.py exits 130
     if watchdog and watchdog.diagnosis:
         if is_main():
             log.write({"step": trainer.state.global_step, "watchdog": watchdog.diagnosis})
@@ -232,4 +246,7 @@ def _train(cfg: RunConfig) -> Path:
         save_config(cfg, adapter_dir / "config.yaml")
         LossCurve(log, out).on_save(args, trainer.state, trainer.control)
         print0(f"adapter saved to {adapter_dir}")
+        print0(f"metrics: {out / 'metrics.jsonl'}, loss curve: {out / 'loss_curve.png'}"
+               + (f", tensorboard: tensorboard --logdir {out / 'tensorboard'}" if "tensorboard" in t.report_to else ""))
+        print0(f"next: internvl-lora merge {adapter_dir} MERGED")
     return adapter_dir
