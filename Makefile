@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean gpu-test
+.PHONY: demo test test-fast install clean gpu-test
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	@bash .ci/install-chromium.sh || echo "chromium not installed: the report screenshot test will be skipped"
 	$(BIN)/python -m pytest -q
+
+# The inner loop: everything but the tests marked slow (long end-to-end runs), under 2 minutes on 2 cores.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 
 gpu-test: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu

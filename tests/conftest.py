@@ -6,63 +6,102 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
+
+# torch is imported inside the fixtures: the pure-Python test modules (config, records, templates, metrics...)
+# must collect and run without loading it.
 
 
 @pytest.fixture(scope="module")
 def one_thread():
     """Training tests run single-threaded: steadier timings on the 2-core CI machine, no oversubscription."""
+    import torch
+
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    """A tiny model + 16 synthetic training samples + train.yaml (internvl_lora.demo.prepare)."""
-    from internvl_lora.demo import prepare
+@pytest.fixture(scope="session")
+def demo_folder(tmp_path_factory):
+    """demo_folder(n_train=16, n_heldout=4, copy_to=None) -> folder: the tiny demo (model/, data/, train.yaml
+    of internvl_lora.demo.prepare), built once per size per test session. Without copy_to the shared folder,
+    for tests that only read it; with copy_to a private copy there (train.yaml pointing at the copy), for tests
+    that write into the folder (edit the data, train or merge into it)."""
+    built: dict[tuple[int, int], Path] = {}
 
-    return prepare(tmp_path_factory.mktemp("demo"), n_train=16, n_heldout=4)
+    def get(n_train: int = 16, n_heldout: int = 4, copy_to: Path | None = None) -> Path:
+        if (n_train, n_heldout) not in built:
+            from internvl_lora.demo import prepare
+
+            folder = tmp_path_factory.mktemp(f"demo-{n_train}-{n_heldout}")
+            prepare(folder, n_train=n_train, n_heldout=n_heldout)
+            built[n_train, n_heldout] = folder.resolve()
+        folder = built[n_train, n_heldout]
+        if copy_to is None:
+            return folder
+        copy_to = Path(copy_to).resolve()
+        shutil.copytree(folder, copy_to, dirs_exist_ok=True)
+        config = copy_to / "train.yaml"  # the only file holding absolute paths (meta files use root ".")
+        config.write_text(config.read_text().replace(str(folder), str(copy_to)))
+        return copy_to
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def demo(demo_folder, tmp_path_factory) -> Path:
+    """train.yaml of a private copy (per test module) of the tiny demo: 16 training samples, 4 held out."""
+    return demo_folder(16, 4, copy_to=tmp_path_factory.mktemp("demo")) / "train.yaml"
 
 
 @pytest.fixture(scope="session")
-def shared_run(tmp_path_factory) -> Path:
+def shared_run(demo_folder, tmp_path_factory) -> Path:
     """A tiny model, its synthetic data and an LLM-LoRA run (16 steps, 2 tiles per image at most),
     built once per test session and shared by tests/test_chat.py, tests/test_infer.py and tests/test_validate.py."""
     from internvl_lora.config import load_config
-    from internvl_lora.demo import prepare
     from internvl_lora.train import train
 
     root = tmp_path_factory.getbasetemp() / "shared-llm-lora-run"
     if not (root / "done").exists():
         shutil.rmtree(root, ignore_errors=True)
-        cfg = prepare(root, n_train=16, n_heldout=8)
+        cfg = demo_folder(16, 8, copy_to=root) / "train.yaml"
         train(load_config(cfg, ["train.max_steps=16", "train.report_to=[]", "train.per_device_batch_size=4",
                                 "train.logging_steps=1", "train.save_steps=1000", "data.max_dynamic_patch=2"]))
         (root / "done").touch()
     return root
 
 
-class _LoraBlock(torch.nn.Module):
-    """Three projections of one input (like q/k/v) and one of a wider input (like down_proj)."""
+def _lora_block_class():
+    """_LoraBlock: three projections of one input (like q/k/v) and one of a wider input (like down_proj).
+    Defined on first use (torch stays unimported until a test needs it) as a module-level name, so that
+    the test pickling a whole model finds the class by name."""
+    global _LoraBlock
+    if "_LoraBlock" in globals():
+        return _LoraBlock
+    import torch
 
-    def __init__(self, d=24, wide=40):
-        super().__init__()
-        self.q, self.k, self.v = (torch.nn.Linear(d, d, bias=False) for _ in range(3))
-        self.up = torch.nn.Linear(d, wide, bias=False)
-        self.down = torch.nn.Linear(wide, d, bias=False)
+    class _LoraBlock(torch.nn.Module):
+        def __init__(self, d=24, wide=40):
+            super().__init__()
+            self.q, self.k, self.v = (torch.nn.Linear(d, d, bias=False) for _ in range(3))
+            self.up = torch.nn.Linear(d, wide, bias=False)
+            self.down = torch.nn.Linear(wide, d, bias=False)
 
-    def forward(self, x):
-        h = self.q(x) * self.k(x).sigmoid() + self.v(x)
-        return self.down(torch.nn.functional.silu(self.up(h)))
+        def forward(self, x):
+            h = self.q(x) * self.k(x).sigmoid() + self.v(x)
+            return self.down(torch.nn.functional.silu(self.up(h)))
+
+    _LoraBlock.__qualname__ = "_LoraBlock"
+    return _LoraBlock
 
 
-def _peft_block(dropout, seed=0, dtype=torch.float32):
+def _peft_block(dropout, seed=0, dtype=None):
+    import torch
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    base = _LoraBlock().to(dtype)
+    base = _lora_block_class()().to(torch.float32 if dtype is None else dtype)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
                                             target_modules=["q", "k", "v", "up", "down"], init_lora_weights="gaussian"))
     for name, p in model.named_parameters():  # B != 0 so that every gradient path is exercised
@@ -79,18 +118,16 @@ def peft_block():
 
 
 @pytest.fixture(scope="module")
-def tiny_items(tmp_path_factory):
+def tiny_items(demo_folder, tmp_path_factory):
     """(folder, tokenizer, 8 encoded samples) of a tiny model and its synthetic data, for the collator,
     attention and loss tests."""
     from internvl_lora.data.audit import audit
     from internvl_lora.data.dataset import SupervisedDataset
     from internvl_lora.data.encode import EncodeSettings
     from internvl_lora.data.records import load_meta
-    from internvl_lora.demo import prepare
     from internvl_lora.internvl.checkpoint import inspect_checkpoint, load_tokenizer
 
-    d = tmp_path_factory.mktemp("fast")
-    prepare(d, n_train=12, n_heldout=4)
+    d = demo_folder(12, 4, copy_to=tmp_path_factory.mktemp("fast"))  # a copy: tests write trainer output into it
     info = inspect_checkpoint(d / "model")
     tok = load_tokenizer(d / "model")
     s = EncodeSettings.from_checkpoint(info)
@@ -135,6 +172,7 @@ class OfficialPixels:
         import io
 
         import numpy as np
+        import torch
         from PIL import Image
 
         tile = tile.convert("RGB")
@@ -152,6 +190,7 @@ class OfficialPixels:
 
     def image(self, path, image_size: int, max_num: int, min_num: int = 1, use_thumbnail: bool = True,
               mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), qualities=None) -> torch.Tensor:
+        import torch
         from PIL import Image
 
         tiles = self.dynamic_preprocess(Image.open(path).convert("RGB"), min_num, max_num, image_size, use_thumbnail)

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-from internvl_lora.demo import prepare
 
 CLI = [sys.executable, "-m", "internvl_lora.cli"]
 
@@ -23,12 +22,11 @@ def run(*args, check=True):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("e2e")
-    prepare(d, n_train=24, n_heldout=8)
-    return d
+def workdir(demo_folder, tmp_path_factory):
+    return demo_folder(24, 8, copy_to=tmp_path_factory.mktemp("e2e"))
 
 
+@pytest.mark.slow
 def test_workflow_end_to_end(workdir):
     d = workdir
     check = run("data", "check", d / "data/meta.json", "--model", d / "model")
@@ -76,6 +74,7 @@ def test_bad_config_is_one_paragraph(workdir, tmp_path):
     assert "model.path /nope does not exist" in p.stderr and "data.meta is required" in p.stderr
 
 
+@pytest.mark.slow
 def test_bad_dataset_refuses_training(workdir, tmp_path):
     jsonl = tmp_path / "bad.jsonl"
     jsonl.write_text('{"conversations": [{"from": "human", "value": "hi"}]}\n{not json\n')

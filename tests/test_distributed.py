@@ -45,11 +45,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(demo_folder, tmp_path_factory):
     """16 image samples + 2 text-only ones (18: an even split over 2 ranks)."""
-    from internvl_lora.demo import prepare
-
-    cfg = prepare(tmp_path_factory.mktemp("demo"), n_train=16, n_heldout=4)
+    cfg = demo_folder(16, 4, copy_to=tmp_path_factory.mktemp("demo")) / "train.yaml"
     train = cfg.parent / "data" / "train.jsonl"
     lines = [json.loads(x) for x in train.read_text().splitlines()]
     lines = [x for x in lines if "image" in x]  # keep the text-only samples under control

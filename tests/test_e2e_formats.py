@@ -23,6 +23,8 @@ TRAIN = ["train.max_steps=4", "train.report_to=[]", "train.per_device_batch_size
          "train.save_steps=1000", "policy.vision=lora", "policy.projector=full"]
 REMOTE_CODE = "modeling_internvl_chat.py"
 
+pytestmark = pytest.mark.slow  # every test here needs the `orig` fixture: a training run (~15 s on 2 cores)
+
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
@@ -32,17 +34,16 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def orig(tmp_path_factory):
+def orig(demo_folder, tmp_path_factory):
     """A tiny original-format checkpoint (converted from the tiny -hf one, plus a stand-in `.py`) and an
     adapter trained on it with LLM + vision LoRA and the projector in full."""
     import yaml
 
     from internvl_lora.config import load_config
-    from internvl_lora.demo import prepare
     from internvl_lora.train import train
 
     d = tmp_path_factory.mktemp("formats")
-    cfg_path = prepare(d, n_train=16, n_heldout=4)
+    cfg_path = demo_folder(16, 4, copy_to=d) / "train.yaml"
     base = convert_checkpoint(d / "model", d / "original", "original")
     (base / REMOTE_CODE).write_text("# stands in for the remote code of a released checkpoint\n")
     cfg = yaml.safe_load(cfg_path.read_text())

@@ -32,13 +32,12 @@ PREFIX = "base_model.model."
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def ws(demo_folder, tmp_path_factory):
     from internvl_lora.config import load_config
-    from internvl_lora.demo import prepare
     from internvl_lora.train import train
 
     d = tmp_path_factory.mktemp("merge")
-    cfg = prepare(d, n_train=16, n_heldout=4)
+    cfg = demo_folder(16, 4, copy_to=d) / "train.yaml"
     adapter = train(load_config(cfg, TRAIN + ["policy.vision=lora", "policy.projector=full"]))
     merged = d / "merged"
     report = merge(adapter, merged)
@@ -338,6 +337,7 @@ KILLABLE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_merge_leaves_no_output_and_the_next_merge_cleans_up(ws, tmp_path):
     out, ready = tmp_path / "out", tmp_path / "ready"
     script = tmp_path / "killable.py"

@@ -33,6 +33,7 @@ def ws(tmp_path_factory, shared_run):
                            samples=samples, problems=problems)
 
 
+@pytest.mark.slow
 def test_batched_generation_equals_batch_size_one(ws):
     assert len(ws.samples) == 8 and not ws.problems
     for model in (str(ws.base), str(ws.adapter)):

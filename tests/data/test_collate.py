@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from internvl_lora.data.collate import BlankTileCollator, HostSide, PackedCollator, PadCollator
-from internvl_lora.demo import prepare
 from internvl_lora.internvl.checkpoint import inspect_checkpoint, load_model, load_tokenizer
 from internvl_lora.train.loss import trained_positions_loss
 from internvl_lora.train.speed import register_varlen_attention
@@ -92,9 +91,8 @@ def test_host_side_counts_and_positions_equal_what_the_step_would_read_from_the_
 # -- blank tile: a text-only batch runs the vision tower on a blank tile without changing the loss ------
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("blank")
-    prepare(d, n_train=4, n_heldout=2)
+def tiny(demo_folder):
+    d = demo_folder(4, 2)
     return d, inspect_checkpoint(d / "model"), load_tokenizer(d / "model")
 
 

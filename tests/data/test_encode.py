@@ -24,12 +24,8 @@ A = {"from": "gpt", "value": "A red circle."}
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from internvl_lora.demo import prepare
-
-    d = tmp_path_factory.mktemp("demo")
-    prepare(d, n_train=8, n_heldout=2)
-    return d
+def demo(demo_folder):
+    return demo_folder(8, 2)
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,9 @@ FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / 
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(demo_folder, tmp_path_factory):
     """The demo model, and a meta file of two datasets (the second repeated) over hand-made records."""
-    from internvl_lora.demo import prepare
-
-    d = tmp_path_factory.mktemp("demo")
-    prepare(d, n_train=4, n_heldout=2)
+    d = demo_folder(4, 2, copy_to=tmp_path_factory.mktemp("demo"))
     data = d / "mine"
     data.mkdir()
     arr = np.zeros((64, 128, 3), np.uint8)

@@ -26,13 +26,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from internvl_lora.demo import prepare
-
-    return prepare(tmp_path_factory.mktemp("demo"), n_train=16, n_heldout=4)
-
-
 def fresh_model(demo):
     from internvl_lora.internvl.checkpoint import load_model
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from internvl_lora.data.collate import PackedCollator, PadCollator
-from internvl_lora.demo import prepare
 from internvl_lora.internvl.checkpoint import load_model
 from internvl_lora.train.loss import trained_positions_loss
 from internvl_lora.train.speed import register_varlen_attention
@@ -70,12 +69,13 @@ def _curve(cfg_path, out, overrides):
     return [r["loss"] for r in rows if "loss" in r]
 
 
-def test_square_loss_is_normalised_over_the_global_batch(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_square_loss_is_normalised_over_the_global_batch(demo_folder, tmp_path, monkeypatch):
     """square: one micro-batch of 4 and two accumulated micro-batches of 2 (the same samples per step, by
     the seeded sampler) give the same loss curve: sum(w * CE) / sum(w) over the whole optimizer step."""
     import json
 
-    cfg_path = prepare(tmp_path / "d", n_train=16, n_heldout=2)
+    cfg_path = demo_folder(16, 2, copy_to=tmp_path / "d") / "train.yaml"
     train_jsonl = tmp_path / "d" / "data" / "train.jsonl"
     lines = train_jsonl.read_text().splitlines()
     for i in range(8):  # answers of different lengths, so that 1/sqrt(n) differs between samples
@@ -159,6 +159,7 @@ def test_chunked_cross_entropy_computes_in_the_output_layers_dtype():
     assert not torch.allclose(loss, full, rtol=1e-6, atol=1e-6)  # float32 logits would give another number
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reduction", ["token", "square"])
 def test_chunked_loss_equals_logits_loss_on_the_model(tiny_items, reduction):
     """trained_positions_loss with the output layer deferred (train.chunked_loss) gives the loss and the
@@ -190,6 +191,7 @@ def test_chunked_loss_equals_logits_loss_on_the_model(tiny_items, reduction):
     assert gw is not None and gw.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_chunked_loss_under_autocast_matches_logits_loss(tiny_items):
     """bfloat16 autocast (the Trainer's bf16 mode) on a float32 model: the chunk's logits are formed in
     bfloat16 like the output layer's, so both paths agree to bf16 rounding."""

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from internvl_lora.data.collate import PackedCollator, PadCollator
-from internvl_lora.demo import prepare
 from internvl_lora.internvl.checkpoint import load_model
 from internvl_lora.train.loss import trained_positions_loss
 from internvl_lora.train.speed import VARLEN, register_varlen_attention
 
 
+@pytest.mark.slow
 def test_packed_varlen_loss_equals_padded(tiny_items):
     d, tok, items = tiny_items
     torch.manual_seed(0)
@@ -28,6 +28,7 @@ def test_packed_varlen_loss_equals_padded(tiny_items):
     assert torch.allclose(stock, packed, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_packed_gradients_equal_padded(tiny_items):
     d, tok, items = tiny_items
     grads = []
@@ -67,14 +68,15 @@ def test_varlen_without_boundaries_is_sdpa(tiny_items):
     assert torch.equal(ga, gb)
 
 
-def test_training_with_packing_follows_the_padded_loss_curve(tmp_path):
+@pytest.mark.slow
+def test_training_with_packing_follows_the_padded_loss_curve(demo_folder, tmp_path):
     """`data.packing: true` (packed rows, varlen attention, loss on trained positions) trains like padding."""
     import json
 
     from internvl_lora.config import load_config
     from internvl_lora.train import train
 
-    cfg_path = prepare(tmp_path / "d", n_train=16, n_heldout=2)
+    cfg_path = demo_folder(16, 2, copy_to=tmp_path / "d") / "train.yaml"
     curves = {}
     for packing in (False, True):
         out = tmp_path / f"run-{packing}"
@@ -141,10 +143,10 @@ def _curve(cfg_path, out, overrides):
     return [r["loss"] for r in rows if "loss" in r]
 
 
-def test_training_options_fused_lora_and_checkpoint_share(tmp_path, capsys):
+def test_training_options_fused_lora_and_checkpoint_share(demo_folder, tmp_path, capsys):
     """train.fused_lora gives the loss curve of PEFT's path (float32, dropout on); train.checkpoint_layers
     recomputes only that share of the LLM layers without changing the numbers; square loss trains."""
-    cfg_path = prepare(tmp_path / "d", n_train=16, n_heldout=2)
+    cfg_path = demo_folder(16, 2, copy_to=tmp_path / "d") / "train.yaml"
     ref = _curve(cfg_path, tmp_path / "ref", ["train.fused=false", "policy.dropout=0.1"])
     fused = _curve(cfg_path, tmp_path / "fused", ["train.fused=true", "policy.dropout=0.1",
                                                   "train.gradient_checkpointing=true", "train.checkpoint_layers=0.5"])
