@@ -34,7 +34,9 @@ def _settings(model: str, template: Optional[str], max_length: int, max_dynamic_
               truncation: str = "drop"):
     from .data.encode import EncodeSettings
     from .internvl.checkpoint import inspect_checkpoint, load_tokenizer
+    from .run_dir import model_folder
 
+    model = model_folder(model)  # an adapter folder stands for its recorded base
     info = inspect_checkpoint(model)
     tokenizer = load_tokenizer(model)
     return tokenizer, EncodeSettings.from_checkpoint(info, template=template, max_length=max_length,

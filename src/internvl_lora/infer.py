@@ -20,7 +20,7 @@ from .errors import UserError
 from .internvl.checkpoint import inspect_checkpoint, load_model, load_tokenizer
 from .internvl.constants import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, VIDEO_PLACEHOLDER
 from .internvl.templates import build_prompt, parse_response
-from .run_dir import RUN_META, parse_dtype, read_run_meta
+from .run_dir import RUN_META, adapter_run_meta, check_base_fingerprint, parse_dtype, read_run_meta
 
 # Frames taken from a video when the run recorded no frame count (the official video demo's 8).
 VIDEO_FRAMES = 8
@@ -79,19 +79,21 @@ def load_for_inference(path: str | Path, dtype: torch.dtype | str | None = None,
         raise UserError(f"{path} does not exist")
     device = device or default_device()
     dtype = parse_dtype(dtype) or default_dtype(device)
-    meta = read_run_meta(path) or {}
+    adapter = (path / "adapter_config.json").exists()
+    meta = (adapter_run_meta(path) if adapter else read_run_meta(path)) or {}
     with quiet_loading():
-        if (path / "adapter_config.json").exists():
-            from peft import PeftModel
+        if adapter:
+            from .internvl.format.adapter_check import apply_adapter, check_adapter_files
 
+            check_adapter_files(path)  # a damaged adapter is named before the base is loaded
             base_path = Path(base) if base else Path(meta["base_model"]) if meta.get("base_model") else None
             if base_path is None:
                 raise UserError(f"{path}: adapter folder without {RUN_META}; pass the base model with --base")
             if not base_path.exists():
                 raise UserError(f"{path}: its base model {base_path} does not exist; pass the base model with --base")
+            check_base_fingerprint(meta, base_path, given=bool(base))
             info = inspect_checkpoint(base_path)
-            model = load_model(base_path, dtype=dtype)
-            model = PeftModel.from_pretrained(model, str(path))
+            model = apply_adapter(load_model(base_path, dtype=dtype), path)
             tokenizer = load_tokenizer(base_path)
         else:
             info = inspect_checkpoint(path)

@@ -48,8 +48,9 @@ from PIL import Image, ImageDraw
 from .data.encode import EncodeSettings
 from .errors import UserError
 from .infer import build_inputs, quiet_loading, settings_for
-from .run_dir import DTYPE_NAMES, RUN_META, parse_dtype, read_run_meta
+from .run_dir import DTYPE_NAMES, RUN_META, adapter_run_meta, check_base_fingerprint, parse_dtype
 from .internvl.checkpoint import inspect_checkpoint, load_model, load_tokenizer
+from .internvl.format.config import read_json
 
 # Max |logit difference| allowed between the adapter model and the merged model, relative to the
 # largest |logit| of the probe (at least 1), by weight dtype. In float32 the two differ by float
@@ -95,7 +96,7 @@ def logits_of(model, batch: dict) -> torch.Tensor:
 
 
 def source_dtype(base: Path) -> torch.dtype:
-    cfg = json.loads((base / "config.json").read_text())
+    cfg = read_json(base / "config.json", checkpoint_file=True)
     name = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
 
@@ -135,7 +136,10 @@ def stale_staging(out: str | Path) -> list[Path]:
 
 def _new_staging(out: Path) -> Path:
     staging = out.parent / f".{out.name}{STAGING_INFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as e:  # a read-only place, or a parent that is a file
+        raise UserError(f"{out}: cannot write the output there ({e.strerror}: {staging.parent})") from None
     (staging / STAGING_MARKER).write_text(
         f"An unfinished `internvl-lora merge` into {out} (process {os.getpid()}).\n"
         "This is not a checkpoint. If that process is gone, delete this folder; the next merge into the\n"
@@ -257,6 +261,9 @@ def _check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
             raise UserError(f"{out}: the output folder would replace the input {p}; choose another folder")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder")
+    parent = next(p for p in out.parents if p.exists())  # the folder the output (and its staging) goes in
+    if not out.exists() and (not parent.is_dir() or not os.access(parent, os.W_OK)):
+        raise UserError(f"{out}: cannot be created: {parent} is {'not a folder' if not parent.is_dir() else 'read-only'}")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
 
@@ -278,14 +285,15 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | Path | None 
           check: bool = True) -> dict:
     """Merge `adapter_dir` into its base and write OUT atomically; returns the merge report."""
     from .internvl.format.adapter import read_adapter
+    from .internvl.format.adapter_check import apply_adapter, check_adapter_files
     from .merge_stream import stream_merge
 
     t0 = time.time()
     adapter_dir, out = Path(adapter_dir), Path(out_dir).absolute()
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise UserError(f"{adapter_dir}: no adapter_config.json; give the adapter folder written by `train` (RUN/adapter)")
-    meta = read_run_meta(adapter_dir) or {}
+    check_adapter_files(adapter_dir)  # JSON config, whole safetensors weights; pickle refused
+    meta = adapter_run_meta(adapter_dir) or {}
     base_path = _resolve_base(adapter_dir, meta, base)
+    check_base_fingerprint(meta, base_path, given=bool(base))
     _check_out(out, [adapter_dir, base_path], overwrite)
     requested = parse_dtype(dtype)
     work_dtype = requested or source_dtype(base_path)
@@ -311,8 +319,6 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | Path | None 
               "zero_lora_b_modules": len(adapter.zero_b)}
     try:
         with _sigterm_as_interrupt(), quiet_loading():
-            from peft import PeftModel
-
             batch = probe_batch(settings, tokenizer, staging) if check else None
             logits = {}
             if streaming:
@@ -320,14 +326,14 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | Path | None 
                 report.update(stream_merge(base_path, adapter, ckpt, dtype=requested))
                 finalize(ckpt, info.format, settings, tokenizer, requested, out_meta)
                 if check:
-                    model = PeftModel.from_pretrained(load_model(base_path, dtype=work_dtype), str(adapter_dir))
+                    model = apply_adapter(load_model(base_path, dtype=work_dtype), adapter_dir)
                     logits["adapter"] = logits_of(model, batch)
                     with model.disable_adapter():
                         logits["base"] = logits_of(model, batch)
                     del model
                     logits["merged"] = logits_of(load_model(ckpt, dtype=work_dtype), batch)
             else:
-                model = PeftModel.from_pretrained(load_model(base_path, dtype=work_dtype), str(adapter_dir))
+                model = apply_adapter(load_model(base_path, dtype=work_dtype), adapter_dir)
                 if check:
                     logits["adapter"] = logits_of(model, batch)
                     with model.disable_adapter():

@@ -41,7 +41,55 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 def read_run_meta(path: Path) -> dict | None:
     f = Path(path) / RUN_META
-    return json.loads(f.read_text()) if f.exists() else None
+    if not f.exists():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{f}: the run record is not valid JSON ({e})") from None
+
+
+def adapter_run_meta(path: Path) -> dict | None:
+    """The run record of an adapter folder: RUN/adapter holds its own; a Trainer checkpoint RUN/checkpoint-N
+    has it one folder up."""
+    path = Path(path)
+    meta = read_run_meta(path)
+    if meta is None and path.name.startswith("checkpoint-"):
+        meta = read_run_meta(path.parent)
+    return meta
+
+
+def model_folder(path: str) -> str:
+    """The model of `path`: an adapter folder stands for the base recorded with it, other folders for themselves."""
+    meta = adapter_run_meta(Path(path)) if (Path(path) / "adapter_config.json").is_file() else None
+    return meta["base_model"] if meta and meta.get("base_model") else path
+
+
+def model_fingerprint(folder: str | Path) -> str:
+    """A cheap identity of a model folder: config.json's bytes and each safetensors file's name, size and
+    header (tensor names, shapes, offsets), without reading the tensors."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    cfg = folder / "config.json"
+    h.update(cfg.read_bytes() if cfg.is_file() else b"")
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            raw = fh.read(8)
+            length = int.from_bytes(raw, "little") if len(raw) == 8 else 0
+            h.update(f"{f.name}:{f.stat().st_size}:".encode() + fh.read(min(length, 100_000_000)))
+    return h.hexdigest()[:16]
+
+
+def check_base_fingerprint(meta: dict, base_path: Path, given: bool) -> None:
+    """Compare a base with the fingerprint recorded at training time (older runs have none: nothing to
+    compare). A base given by the user that differs gets a warning; the recorded one that changed is refused."""
+    recorded = meta.get("base_fingerprint")
+    if not recorded or model_fingerprint(base_path) == recorded:
+        return
+    what = f"{base_path}: this base model is not the one the adapter was trained on (its config or weights differ)"
+    if not given:
+        raise UserError(f"{what}; the recorded base changed since training. Pass the right one with --base")
+    print(f"warning: {what}; going on as --base asks", file=sys.stderr)
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -123,6 +171,7 @@ def run_metadata(cfg, info, settings, data_fp: dict) -> dict:
     return {
         "base_model": str(Path(cfg.model.path).resolve()),
         "base_format": info.format,
+        "base_fingerprint": model_fingerprint(cfg.model.path),
         "template": settings.template.name,
         "encode": {k: getattr(settings, k) for k in (
             "tile_size", "tokens_per_tile", "max_dynamic_patch", "min_dynamic_patch", "use_thumbnail",

@@ -125,6 +125,15 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
+def check_weights(path: str | Path) -> None:
+    """Refuse pickle-only folders and damaged safetensors (header or data cut short) with a message naming
+    the file, before transformers' loader sees them (it would unpickle `*.bin` or fail with a traceback)."""
+    from .format.safetensors import read_safetensors_header, weight_files
+
+    for file in weight_files(path):
+        read_safetensors_header(file)
+
+
 def load_model(path: str | Path, dtype=None, device: str | None = None):
     """An `InternVLForConditionalGeneration` from either format."""
     import torch
@@ -137,6 +146,7 @@ def load_model(path: str | Path, dtype=None, device: str | None = None):
 
         model = load_original_model(path, dtype=dtype)
     else:
+        check_weights(path)
         try:
             model = InternVLForConditionalGeneration.from_pretrained(path, dtype=dtype)
         except OSError as e:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ...errors import CheckpointError, UserError
+from .adapter_check import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, check_adapter_files
 from .config import PathLike, read_json
 from .config_map import hf_config_to_original
 from .keymap import Group, Layout, convert_state, fuse_rows, group_of_hf, group_of_original, layout_of, split_rows_of
@@ -24,9 +25,6 @@ from .safetensors import get_tensor, open_safetensors
 from .save import atomic_folder
 
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-PEFT_PREFIX = "base_model.model."
 LORA_KEY = re.compile(
     r"^(?P<module>.+)\.(?:(?P<part>lora_A|lora_B)\.weight|(?P<emb>lora_embedding_A|lora_embedding_B))$"
 )
@@ -109,13 +107,7 @@ def read_adapter(adapter_dir: str | Path, streaming: bool = True) -> Adapter:
 
     path = Path(adapter_dir)
     cfg_file, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
-    if not cfg_file.is_file():
-        raise UserError(f"{path}: no {ADAPTER_CONFIG}; give the adapter folder written by `train` (RUN/adapter)")
-    if not weights.is_file():
-        bins = sorted(p.name for p in path.glob("adapter_model*.bin"))
-        hint = f" (found {bins[0]}: pickle weights are refused; save the adapter as safetensors)" if bins else ""
-        raise UserError(f"{weights}: file not found{hint}")
-    config = json.loads(cfg_file.read_text())
+    config, _ = check_adapter_files(path)  # JSON config, safetensors weights that are whole
     if streaming:
         bad = refusals(config)
         if bad:
