@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from internvl_lora.report import GREEN, RED, THUMB_MAX_PX, render_report
+from internvl_lora.report import GREEN, RED, render_report
+from internvl_lora.thumbnails import THUMB_MAX_PX
 
 QUESTIONS = [
     "What colour is the circle?",

@@ -1,7 +1,7 @@
 """Self-contained HTML validation report: summary table, loss curve, per-sample answers.
 
 :func:`render_report` writes one ``report.html`` that needs nothing else: CSS is inline, images are
-embedded as base64 JPEG thumbnails, the loss curve is an inline SVG drawn here, there is no
+embedded as base64 JPEG thumbnails (thumbnails.py), the loss curve is an inline SVG (plots.py), there is no
 JavaScript and no external URL. Open it from disk, attach it to a ticket, or copy it anywhere.
 
 Inputs
@@ -26,9 +26,7 @@ Inputs
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import math
 import os
 import tempfile
@@ -37,13 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics
+from .plots import loss_curve_svg
+from .thumbnails import THUMB_MAX_PX, Thumbs
 
-__all__ = ["render_report", "THUMB_MAX_PX"]
-
-#: Longest side of an embedded image thumbnail, in pixels.
-THUMB_MAX_PX = 160
-#: Most points drawn on the loss curve; longer curves are thinned evenly (the last point is kept).
-MAX_CURVE_POINTS = 2000
+__all__ = ["render_report"]
 
 _MODEL_ORDER = ("base", "tuned")
 _METRIC_LABELS = {"exact_match": "Exact match", "anls": "ANLS", "rouge_l": "ROUGE-L", "count": "Count"}
@@ -123,56 +118,6 @@ def _fmt(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return ", ".join(_fmt(x) for x in v)
     return str(v)
-
-
-def _thumbnail_uri(path: str | os.PathLike, max_px: int = THUMB_MAX_PX) -> tuple[str, int, int]:
-    """Base64 JPEG data URI of a thumbnail (longest side <= max_px) and its size; raises on failure."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        if im.format == "JPEG":
-            im.draft("RGB", (max_px * 2, max_px * 2))  # decode at reduced scale: fast for big photos
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-            rgba = im.convert("RGBA")
-            rgb = Image.new("RGB", rgba.size, (255, 255, 255))
-            rgb.paste(rgba, mask=rgba.getchannel("A"))
-        else:
-            rgb = im.convert("RGB")
-    rgb.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
-    buf = io.BytesIO()
-    rgb.save(buf, format="JPEG", quality=85, optimize=True)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), rgb.width, rgb.height
-
-
-class _Thumbs:
-    """Per-report cache: the same image used by several samples is encoded once."""
-
-    def __init__(self) -> None:
-        self._cache: dict[str, str] = {}
-
-    def html(self, path: Any) -> str:
-        key = str(path)
-        if key not in self._cache:
-            self._cache[key] = self._render(key)
-        return self._cache[key]
-
-    @staticmethod
-    def _render(path: str) -> str:
-        name = os.path.basename(path) or path
-        try:
-            uri, w, h = _thumbnail_uri(path)
-        except FileNotFoundError:
-            return f'<div class="missing"><b>image not found</b><br>{_e(path)}</div>'
-        except Exception as exc:  # unreadable, truncated, not an image, decompression bomb...
-            why = f"{type(exc).__name__}: {exc}"
-            if len(why) > 160:
-                why = why[:157] + "..."
-            return f'<div class="missing"><b>image unreadable</b><br>{_e(path)}<br><i>{_e(why)}</i></div>'
-        return (
-            f'<figure><img src="{uri}" width="{w}" height="{h}" alt="{_e(name)}" title="{_e(path)}">'
-            f"<figcaption>{_e(name)}</figcaption></figure>"
-        )
 
 
 def _sample_images(sample: Mapping[str, Any]) -> list[Any]:
@@ -307,111 +252,6 @@ def _summary_html(summary: Mapping[str, Any], samples, per_sample) -> str:
     return f'<div class="row-flex">{"".join(parts)}</div>'
 
 
-# -------------------------------------------------------------------------------------- loss curve
-
-
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """Round tick values (1, 2, 5 x 10^k steps) inside [lo, hi]."""
-    span = hi - lo
-    if span <= 0 or not math.isfinite(span):
-        return [lo]
-    raw = span / max(n, 1)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    first = math.ceil(lo / step - 1e-9) * step
-    ticks, k = [], 0
-    while first + k * step <= hi + step * 1e-9:
-        ticks.append(first + k * step)
-        k += 1
-    return ticks
-
-
-def _tick_label(v: float, step: float) -> str:
-    if abs(v) < step * 1e-6:
-        v = 0.0
-    if step >= 1 and float(v).is_integer():
-        return f"{int(v)}"
-    decimals = max(0, -math.floor(math.log10(step))) if step > 0 else 2
-    return f"{v:.{min(decimals, 6)}f}"
-
-
-def _loss_svg(loss_curve: Sequence[tuple[int, float]]) -> str:
-    pts: list[tuple[float, float]] = []
-    for item in loss_curve:
-        try:
-            x, y = float(item[0]), float(item[1])
-        except (TypeError, ValueError, IndexError):
-            continue
-        if math.isfinite(x) and math.isfinite(y):
-            pts.append((x, y))
-    if not pts:
-        return '<p class="sub">The loss curve has no finite points.</p>'
-    pts.sort(key=lambda p: p[0])
-    drawn = pts
-    if len(pts) > MAX_CURVE_POINTS:
-        stride = len(pts) / MAX_CURVE_POINTS
-        drawn = [pts[int(i * stride)] for i in range(MAX_CURVE_POINTS - 1)] + [pts[-1]]
-
-    W, H, L, R, T, B = 760, 320, 70, 20, 14, 50
-    pw, ph = W - L - R, H - T - B
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    x0, x1 = min(xs), max(xs)
-    if x1 == x0:
-        x0, x1 = x0 - 1, x1 + 1
-    y0, y1 = min(ys), max(ys)
-    pad = (y1 - y0) * 0.05 if y1 > y0 else (abs(y0) * 0.05 or 1.0)
-    y0, y1 = y0 - pad, y1 + pad
-
-    def sx(x: float) -> float:
-        return L + (x - x0) / (x1 - x0) * pw
-
-    def sy(y: float) -> float:
-        return T + (1 - (y - y0) / (y1 - y0)) * ph
-
-    g: list[str] = []
-    xt, yt = _nice_ticks(x0, x1, 7), _nice_ticks(y0, y1, 6)
-    xstep = xt[1] - xt[0] if len(xt) > 1 else 1.0
-    ystep = yt[1] - yt[0] if len(yt) > 1 else 1.0
-    for v in yt:
-        y = sy(v)
-        g.append(f'<line x1="{L}" y1="{y:.1f}" x2="{L + pw}" y2="{y:.1f}" stroke="#eaeef2"/>')
-        g.append(f'<text x="{L - 6}" y="{y + 4:.1f}" text-anchor="end">{_e(_tick_label(v, ystep))}</text>')
-    for v in xt:
-        x = sx(v)
-        g.append(f'<line x1="{x:.1f}" y1="{T + ph}" x2="{x:.1f}" y2="{T + ph + 5}" stroke="#57606a"/>')
-        g.append(f'<text x="{x:.1f}" y="{T + ph + 19}" text-anchor="middle">{_e(_tick_label(v, xstep))}</text>')
-    g.append(f'<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="none" stroke="#57606a"/>')
-    if len(drawn) == 1:
-        g.append(f'<circle cx="{sx(drawn[0][0]):.1f}" cy="{sy(drawn[0][1]):.1f}" r="4" fill="#0969da"/>')
-    else:
-        poly = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in drawn)
-        g.append(f'<polyline points="{poly}" fill="none" stroke="#0969da" stroke-width="2" stroke-linejoin="round"/>')
-    g.append(f'<text x="{L + pw / 2:.1f}" y="{H - 8}" text-anchor="middle" class="axis">step</text>')
-    g.append(f'<text x="16" y="{T + ph / 2:.1f}" text-anchor="middle" class="axis" '
-             f'transform="rotate(-90 16 {T + ph / 2:.1f})">loss</text>')
-    svg = (
-        f'<svg id="loss-curve" width="{W}" height="{H}" viewBox="0 0 {W} {H}" role="img" '
-        f'aria-label="training loss against step" font-size="12" fill="#1f2328" '
-        f'font-family="DejaVu Sans, sans-serif"><style>.axis {{ font-size: 13px; font-weight: 600; }}</style>'
-        f'{"".join(g)}</svg>'
-    )
-    first, last = pts[0], pts[-1]
-    best = min(pts, key=lambda p: p[1])
-    caption = (
-        f"{len(pts)} points; first {_tick_label(first[1], 1e-4)} (step {_fmt_step(first[0])}), "
-        f"last {_tick_label(last[1], 1e-4)} (step {_fmt_step(last[0])}), "
-        f"min {_tick_label(best[1], 1e-4)} (step {_fmt_step(best[0])})"
-    )
-    return f'<div class="curve">{svg}<p class="sub">{_e(caption)}</p></div>'
-
-
-def _fmt_step(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
-
-
-# ----------------------------------------------------------------------------------------- samples
-
-
 def _text(v: Any) -> str:
     return f'<span class="txt">{_e(v)}</span>'
 
@@ -450,7 +290,7 @@ def _answer_html(sample: Mapping[str, Any], model: str, scores: Mapping[str, flo
     return f"{badge}{text}{extra}"
 
 
-def _sample_html(i: int, sample: Mapping[str, Any], scores: Mapping[str, Any], thumbs: _Thumbs) -> str:
+def _sample_html(i: int, sample: Mapping[str, Any], scores: Mapping[str, Any], thumbs: Thumbs) -> str:
     idx = sample.get("index", i)
     paths = _sample_images(sample)
     imgs = "".join(thumbs.html(p) for p in paths) or '<span class="noimg">no image</span>'
@@ -499,7 +339,7 @@ def render_report(
     summary = dict(summary or {})
     samples = list(samples or [])
     per_sample = [{m: _answer_scores(s, m) for m in _MODEL_ORDER} for s in samples]
-    thumbs = _Thumbs()
+    thumbs = Thumbs()
 
     body: list[str] = [f"<h1>{_e(title)}</h1>"]
     body.append(f'<p class="sub">{len(samples)} sample(s). Answers are marked '
@@ -509,7 +349,7 @@ def render_report(
     body.append(_summary_html(summary, samples, per_sample))
     if loss_curve is not None:
         body.append("<h2>Training loss</h2>")
-        body.append(_loss_svg(loss_curve))
+        body.append(loss_curve_svg(loss_curve))
     body.append("<h2>Samples</h2>")
     if samples:
         body.extend(_sample_html(i, s, sc, thumbs) for i, (s, sc) in enumerate(zip(samples, per_sample)))

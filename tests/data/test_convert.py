@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from internvl_lora.data import convert as cv
+from internvl_lora.data.convert import stream as cv
 from internvl_lora.data.convert import (
     ConvertStats,
     convert,

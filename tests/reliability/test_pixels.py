@@ -13,7 +13,8 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from internvl_lora.data.audit import WARNING_KINDS, audit, format_report
-from internvl_lora.data.encode import EncodeSettings, check_image, encode_record, image_tiles
+from internvl_lora.data.encode import EncodeSettings, encode_record, image_tiles
+from internvl_lora.data.images import check_image
 from internvl_lora.data.records import DatasetSpec, Line, load_meta, parse_record
 from internvl_lora.internvl.templates import get_template
 

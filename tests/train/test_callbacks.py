@@ -12,10 +12,11 @@ import torch
 from transformers import TrainerControl
 
 from internvl_lora.train.callbacks import (
-    LogLine, LossCurve, StepStats, TrainingHealthError, Watchdog, all_reduce, lora_b_max, plot_loss_curve, read_metrics,
+    LogLine, LossCurve, StepStats, TrainingHealthError, Watchdog, all_reduce, lora_b_max, read_metrics,
 )
 from internvl_lora.config import load_config
 from internvl_lora.errors import UserError
+from internvl_lora.plots import plot_loss_curve
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures one_thread, demo: tests/conftest.py

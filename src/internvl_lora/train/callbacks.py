@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 
 from ..data.collate import batch_counts
 from ..errors import UserError
+from ..plots import plot_loss_curve
 from ..run_dir import read_metrics
 
 
@@ -175,35 +176,6 @@ class LogLine(TrainerCallback):
                 parts.append(f"mem {mem:.1f} GiB")
         if len(parts) > 1:
             self.print(" | ".join(parts))
-
-
-def plot_loss_curve(history: list[dict], path: str | Path) -> Path | None:
-    """Write a loss-curve PNG (train and eval loss against steps). Written to a temporary file first."""
-    train = [(r["step"], r["loss"]) for r in history if isinstance(r.get("loss"), (int, float))]
-    evals = [(r["step"], r["eval_loss"]) for r in history if isinstance(r.get("eval_loss"), (int, float))]
-    if not train and not evals:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
 
 
 class LossCurve(TrainerCallback):
