@@ -17,6 +17,7 @@ official `model.chat` keeps them: every turn is asked with the whole history, th
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import IO, Iterable
 
 import torch
@@ -81,11 +82,27 @@ def interactive(loaded: Loaded, images: list[str] | None = None, video: str | No
     return len(session.history)
 
 
+def check_chat_args(images: list[str] | None, video: str | None, max_new_tokens: int) -> None:
+    """The arguments a user can get wrong, checked before the (slow) model load."""
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if images and video:
+        raise UserError("give images or a video, not both")
+    for p in images or []:
+        if not Path(p).exists():
+            raise UserError(f"{p}: image file not found")
+        if Path(p).is_dir():
+            raise UserError(f"{p} is a folder, not an image file")
+    if video and not Path(video).exists():
+        raise UserError(f"{video}: video not found")
+
+
 def run_chat(model: str, question: str | None = None, images: list[str] | None = None, video: str | None = None,
              max_new_tokens: int = 256, dtype: str | torch.dtype | None = None, base: str | None = None,
              device: str | None = None) -> None:
     """The `chat` command: load, then answer the question, or every stdin line when there is none.
     Only answers are written to stdout."""
+    check_chat_args(images, video, max_new_tokens)
     loaded = load_for_inference(model, dtype=dtype, base=base, device=device)
     if question is not None:
         print(chat_once(loaded, question.replace("\\n", "\n"), images, video, max_new_tokens), flush=True)

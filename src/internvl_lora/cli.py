@@ -15,6 +15,7 @@ Problems with the input are printed as one paragraph (no traceback) and the exit
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -28,6 +29,22 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="LoRA fine-tuning of InternVL vision-language models on your own multimodal data.")
 data_app = typer.Typer(no_args_is_help=True, help="Check, inspect and convert datasets in the official InternVL format.")
 app.add_typer(data_app, name="data")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"internvl-lora {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main_options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="print the package version and exit"),
+):
+    """LoRA fine-tuning of InternVL vision-language models on your own multimodal data."""
 
 
 def _settings(model: str, template: Optional[str], max_length: int, max_dynamic_patch: Optional[int],
@@ -69,12 +86,12 @@ def data_check(
 
 @data_app.command("inspect")
 def data_inspect(
-    meta: str = typer.Argument(...),
-    model: str = typer.Option(..., "--model"),
+    meta: str = typer.Argument(..., help="meta JSON file or .jsonl annotation file"),
+    model: str = typer.Option(..., "--model", help="checkpoint folder (only tokenizer and config are read)"),
     index: str = typer.Option("0", help="N, N:M or all"),
-    template: Optional[str] = typer.Option(None),
-    max_length: int = typer.Option(8192),
-    max_dynamic_patch: Optional[int] = typer.Option(None),
+    template: Optional[str] = typer.Option(None, help="override the checkpoint's template"),
+    max_length: int = typer.Option(8192, help="max tokens per sample after image expansion"),
+    max_dynamic_patch: Optional[int] = typer.Option(None, help="max tiles per image (default: checkpoint's)"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per sample"),
     save_tiles: Optional[str] = typer.Option(None, help="write every tile as a PNG into this folder"),
     color: bool = typer.Option(True, help="highlight trained spans with colour (else [[...]])"),
@@ -92,8 +109,8 @@ def data_inspect(
 
 @data_app.command("convert")
 def data_convert(
-    src: str = typer.Argument(...),
-    dst: str = typer.Argument(...),
+    src: str = typer.Argument(..., help="input file (json, jsonl, ShareGPT or OpenAI messages)"),
+    dst: str = typer.Argument(..., help="output .jsonl file in the InternVL format"),
     fmt: str = typer.Option("jsonl", "--from", help="json | jsonl | sharegpt | openai"),
     keep_system: Optional[bool] = typer.Option(None, "--keep-system/--drop-system",
                                                help="keep a leading system turn (default: official behaviour)"),
@@ -113,7 +130,15 @@ def data_convert(
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(ctx: typer.Context, config: str = typer.Argument(..., help="YAML config; then section.key=value overrides")):
-    """Train LoRA adapters (the data is audited first)."""
+    """Train LoRA adapters (the data is audited first).
+
+    After CONFIG, any field can be overridden as section.key=value, values read as YAML
+    (numbers, true/false, lists as \\[a, b]), e.g.
+
+        internvl-lora train run.yaml train.lr=1e-4 data.max_length=4096
+
+    Every field and its meaning: docs/training.md.
+    """
     from .config import load_config
     from .train import train as run_train
 
@@ -143,7 +168,7 @@ def chat(
     question: Optional[str] = typer.Argument(None, help="the question; omit for an interactive session"),
     image: List[str] = typer.Option([], "--image", help="image file (repeat for several)"),
     video: Optional[str] = typer.Option(None, "--video", help="video file, frame folder or GIF"),
-    max_new_tokens: int = typer.Option(256),
+    max_new_tokens: int = typer.Option(256, min=1, help="longest answer in tokens"),
     dtype: Optional[str] = typer.Option(None, help="bfloat16 | float32 (default: bf16 on a GPU, fp32 on a CPU)"),
     base: Optional[str] = typer.Option(None, help="base checkpoint for an adapter folder"),
 ):
@@ -159,9 +184,9 @@ def validate(
     tuned: str = typer.Option(..., help="merged checkpoint or adapter folder"),
     data: str = typer.Option(..., help="held-out meta JSON or .jsonl"),
     out: str = typer.Option("validation", help="output folder (validation.json, report.html)"),
-    batch_size: int = typer.Option(8),
-    max_new_tokens: int = typer.Option(64),
-    limit: Optional[int] = typer.Option(None, help="only the first N samples"),
+    batch_size: int = typer.Option(8, min=1, help="samples generated together (left padding)"),
+    max_new_tokens: int = typer.Option(64, min=1, help="longest answer in tokens"),
+    limit: Optional[int] = typer.Option(None, min=1, help="only the first N samples"),
     blank_images: bool = typer.Option(False, help="also run the tuned model with every image blanked"),
 ):
     """Compare base and tuned on held-out samples: exact match, ANLS, ROUGE-L, and an HTML report."""
@@ -174,8 +199,8 @@ def validate(
 
 @app.command()
 def convert(
-    src: str = typer.Argument(...),
-    dst: str = typer.Argument(...),
+    src: str = typer.Argument(..., help="checkpoint folder (or adapter folder with --adapter)"),
+    dst: str = typer.Argument(..., help="output folder"),
     to: str = typer.Option(..., "--to", help="hf | original"),
     reference: Optional[str] = typer.Option(None, help="an original checkpoint whose config/.py files to use (hf -> original)"),
     adapter: bool = typer.Option(False, help="SRC is a LoRA adapter folder, not a checkpoint"),
@@ -210,11 +235,36 @@ def demo(
     run(out, n_train=n_train, epochs=epochs)
 
 
+# Errors of the storage, not of the program: one message naming the path and what to do, exit 2.
+STORAGE_ERRORS = {
+    errno.ENOSPC: "no space left on the device: free some space or choose a folder on another disk",
+    errno.EDQUOT: "disk quota exceeded: free some space or choose a folder on another disk",
+    errno.EROFS: "read-only file system: choose a writable folder",
+    errno.EACCES: "permission denied: check the permissions or choose a folder you can write to",
+    errno.EPERM: "operation not permitted: check the permissions or choose a folder you can write to",
+}
+
+
+def storage_error_message(e: OSError) -> str | None:
+    """The message for a storage error (disk full, read-only, permissions); None for any other error."""
+    advice = STORAGE_ERRORS.get(e.errno)
+    if advice is None:
+        return None
+    where = e.filename if e.filename is not None else "a file"
+    return f"{where}: {advice} ({e.strerror or e})"
+
+
 def main() -> None:
     try:
         app()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        message = storage_error_message(e)
+        if message is None:
+            raise  # a bug or an unexpected condition: keep the traceback
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from .errors import ConfigError
+from .overrides import blame_overrides, parse_overrides
 
 PARTS = ("frozen", "lora", "full")
 INITS = ("default", "gaussian", "pissa", "olora")
@@ -180,15 +181,44 @@ def _legacy_train_keys(train: dict, problems: list[str]) -> list[str]:
     return notices
 
 
+# Names users bring from the Hugging Face Trainer / PEFT / the official InternVL scripts, and the field
+# that holds the same setting here (matched before spelling, so that "learning_rate" finds train.lr).
+KNOWN_ALIASES = {
+    "learning_rate": "train.lr", "num_train_epochs": "train.epochs", "num_epochs": "train.epochs",
+    "gradient_accumulation_steps": "train.grad_accum", "per_device_train_batch_size": "train.per_device_batch_size",
+    "batch_size": "train.per_device_batch_size", "per_device_eval_batch_size": "train.eval_batch_size",
+    "lr_scheduler_type": "train.lr_scheduler", "resume_from_checkpoint": "train.resume",
+    "model_name_or_path": "model.path", "conv_style": "model.template", "torch_dtype": "model.dtype",
+    "meta_path": "data.meta", "model_max_length": "data.max_length", "max_seq_length": "data.max_length",
+    "dataloader_num_workers": "data.num_workers", "lora_r": "policy.r", "use_llm_lora": "policy.r",
+    "lora_alpha": "policy.alpha", "lora_dropout": "policy.dropout", "target_modules": "policy.llm_targets",
+    "use_backbone_lora": "policy.vision", "freeze_mlp": "policy.projector",
+}
+
+
+def _suggest(key: str, prefix: str, names: list[str]) -> str:
+    """The " (did you mean ...?)" hint for an unknown key: a known alias, a close spelling in the same
+    section, the same name in another section (`output_dir` at the top level), or a close one there."""
+    if key in KNOWN_ALIASES:
+        return f" (did you mean {KNOWN_ALIASES[key]}?)"
+    close = difflib.get_close_matches(key, names, n=1)
+    if close:
+        return f" (did you mean {prefix}{close[0]}?)"
+    every = {f.name: f"{section.name}.{f.name}" for section in dataclasses.fields(RunConfig)
+             for f in dataclasses.fields(typing.get_type_hints(RunConfig)[section.name])}
+    close = difflib.get_close_matches(key, list(every), n=1)
+    if close and every[close[0]] != f"{prefix}{close[0]}":
+        return f" (did you mean {every[close[0]]}?)"
+    return f" (known: {', '.join(names)})"
+
+
 def _build(cls, values: dict, prefix: str, problems: list[str]):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(names)})"
-            problems.append(f"unknown key {prefix}{key}{hint}")
+            problems.append(f"unknown key {prefix}{key}{_suggest(str(key), prefix, names)}")
             continue
         if dataclasses.is_dataclass(hints[key]):
             if not isinstance(value, dict):
@@ -202,21 +232,6 @@ def _build(cls, values: dict, prefix: str, problems: list[str]):
             continue
         kwargs[key] = float(value) if hints[key] is float else value
     return cls(**kwargs)
-
-
-def parse_overrides(overrides: list[str]) -> dict:
-    """`a.b=value` strings to a nested dict; values are parsed as YAML scalars (1e-4, true, [a, b])."""
-    out: dict = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError([f"override {item!r} must look like section.key=value"], "command line")
-        key, raw = item.split("=", 1)
-        node = out
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
-    return out
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -339,6 +354,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, che
             raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError([f"{path} does not exist"], source) from None
+        except IsADirectoryError:
+            raise ConfigError([f"{path} is a folder; give a YAML config file"], source) from None
+        except UnicodeDecodeError as e:
+            raise ConfigError([f"not a text file (byte {e.start} is not UTF-8); give a YAML config file"],
+                              source) from None
         except yaml.YAMLError as e:
             raise ConfigError([f"not valid YAML: {e}"], source) from None
         if not isinstance(raw, dict):
@@ -351,13 +371,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, che
             v = sec.get(key) if isinstance(sec, dict) else None
             if isinstance(v, str) and v and not Path(v).is_absolute() and (base / v).exists():
                 sec[key] = str(base / v)
-    raw = _merge(raw, parse_overrides(overrides or []))
+    extra, origin = parse_overrides(overrides or [])
+    raw = _merge(raw, extra)
     problems: list[str] = []
     notices = _legacy_train_keys(raw["train"], problems) if isinstance(raw.get("train"), dict) else []
     cfg = _build(RunConfig, raw, "", problems)
     problems += validate(cfg, check_paths=check)
     if problems:
-        raise ConfigError(problems, source)
+        problems, from_overrides = blame_overrides(problems, origin)
+        raise ConfigError(problems, "command line" if from_overrides else source)
     if notices:
         from .distributed import print0
 

@@ -119,7 +119,7 @@ def image_tiles(paths: list[str], settings: EncodeSettings, blank: bool = False)
     budget = tiles_budget(settings, None, len(paths))
     pieces, counts = [], []
     for p in paths:
-        these = encode_tiles(p, settings, budget, (p, 0))  # dynamic_image_size off: one whole-image tile, as in training
+        these = encode_tiles(p, settings, budget, (None, None))  # no fake file:line; dynamic_image_size off: one whole-image tile, as in training
         if blank:
             these = [torch.full_like(t, 255) for t in these]
         pieces += these

@@ -95,6 +95,8 @@ def loss_curve_of(tuned: str | Path) -> list[tuple[int, float]] | None:
 
 def validate(base: str, tuned: str, data: str, out_dir: str, batch_size: int = 8, max_new_tokens: int = 32,
              limit: int | None = None, blank_images: bool = False) -> dict:
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     t0 = time.time()
     samples, problems = heldout_samples(read_lines(load_meta(data)), limit)
     if not samples:
