@@ -15,7 +15,8 @@ from PIL import Image, ImageDraw, ImageOps
 from internvl_lora.data.audit import WARNING_KINDS, audit, format_report
 from internvl_lora.data.encode import EncodeSettings, encode_record, image_tiles
 from internvl_lora.data.images import check_image
-from internvl_lora.data.records import DatasetSpec, Line, load_meta, parse_record
+from internvl_lora.data.meta import DatasetSpec, Line, load_meta
+from internvl_lora.data.records import parse_record
 from internvl_lora.internvl.templates import get_template
 
 Q = {"from": "human", "value": "<image>\nWhat is it?"}

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from ..errors import DataError
 from ..internvl.constants import IGNORE_INDEX
 from .encode import EncodeSettings, encode_record
-from .records import DatasetSpec, Line, apply_repeat, iter_lines, meta_problems, parse_record
+from .meta import DatasetSpec, Line, apply_repeat, iter_lines, meta_problems
+from .records import parse_record
 
 # Every kind of problem the audit reports (docs/data.md lists them with examples).
 PROBLEM_KINDS = {

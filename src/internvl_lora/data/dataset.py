@@ -9,7 +9,8 @@ import torch
 from ..errors import DataError
 from .audit import AuditResult
 from .encode import EncodeSettings, encode_record
-from .records import Line, apply_repeat, parse_record
+from .meta import Line, apply_repeat
+from .records import parse_record
 
 
 class SampleLoadError(DataError):

@@ -7,7 +7,8 @@ from typing import Iterable
 
 from ..errors import DataError
 from .audit import Problem
-from .records import Line, parse_record
+from .meta import Line
+from .records import parse_record
 
 
 def heldout_samples(lines: Iterable[Line], limit: int | None = None) -> tuple[list[dict], list[Problem]]:

@@ -26,7 +26,7 @@ from ..data.audit import audit, format_report
 from ..data.collate import data_collator
 from ..data.dataset import SupervisedDataset
 from ..data.encode import EncodeSettings
-from ..data.records import load_meta
+from ..data.meta import load_meta
 from ..distributed import is_main, print0, world_size
 from ..errors import CheckpointSaveError, UserError
 from ..internvl.checkpoint import CheckpointInfo, inspect_checkpoint, load_model, load_tokenizer
