@@ -49,21 +49,36 @@ def _utf8_ok(text: str) -> bool:
         return False
 
 
-def parse_record(ln: Line) -> Record:
-    """Validate one line against the official schema and return a Record (raises DataError)."""
-    def fail(kind: str, msg: str) -> DataError:
-        return DataError(kind, msg, path=ln.path, line=ln.line)
-
+def load_object(ln: Line) -> dict:
+    """The JSON object of one annotation line (raises DataError naming file:line)."""
     if ln.text is None:
-        raise fail("bad_encoding", f"line is not UTF-8 text ({ln.error or 'undecodable bytes'})")
+        raise DataError("bad_encoding", f"line is not UTF-8 text ({ln.error or 'undecodable bytes'})", ln.path, ln.line)
     try:
         obj = json.loads(ln.text)
     except json.JSONDecodeError as e:
-        raise fail("bad_json", f"not valid JSON: {e.msg} (column {e.colno})") from None
+        raise DataError("bad_json", f"not valid JSON: {e.msg} (column {e.colno})", ln.path, ln.line) from None
     except (ValueError, RecursionError) as e:  # too deeply nested, integer too long
-        raise fail("bad_json", f"not valid JSON: {str(e)[:200]}") from None
+        raise DataError("bad_json", f"not valid JSON: {str(e)[:200]}", ln.path, ln.line) from None
     if not isinstance(obj, dict):
-        raise fail("bad_json", f"each line must be a JSON object, got {type(obj).__name__}")
+        raise DataError("bad_json", f"each line must be a JSON object, got {type(obj).__name__}", ln.path, ln.line)
+    return obj
+
+
+def parse_record(ln: Line) -> Record:
+    """Validate one line against the official schema and return a Record (raises DataError)."""
+    obj = load_object(ln)
+    if "conversations" not in obj and {"question", "chosen", "rejected"} <= set(obj):
+        raise DataError("no_conversations", "this is a preference record (question / chosen / rejected), not a "
+                        "supervised one: train it with train.objective=mpo (check it with `data check "
+                        "--objective mpo`)", ln.path, ln.line)
+    return record_from_object(obj, ln)
+
+
+def record_from_object(obj: dict, ln: Line) -> Record:
+    """Validate a record's JSON object (conversations, media fields) as the official loader reads it."""
+    def fail(kind: str, msg: str) -> DataError:
+        return DataError(kind, msg, path=ln.path, line=ln.line)
+
     conv = obj.get("conversations")
     if not isinstance(conv, list) or not conv:
         raise fail("no_conversations", "missing or empty 'conversations' list")
