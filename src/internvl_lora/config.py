@@ -79,6 +79,7 @@ class PolicyArgs:
 @dataclass
 class TrainArgs:
     output_dir: str = "runs/lora"  # run folder: checkpoints, logs, the final adapter
+    objective: str = "sft"  # sft: supervised records | mpo: preference pairs (question / chosen / rejected), the loss of the preference section
     per_device_batch_size: int = 4  # samples per GPU per micro-batch
     grad_accum: int = 2  # micro-batches per optimizer step (global batch = per_device_batch_size x grad_accum x GPUs)
     lr: float = 4e-5  # peak learning rate
@@ -112,7 +113,6 @@ class TrainArgs:
     dummy_vision: str = "auto"  # run the vision tower on a blank tile for text-only batches: auto (when distributed) | always | never
     watchdog: bool = True  # stop with a diagnosis on loss 0 / NaN, batches with no trained token, dead LoRA, exploding gradients
     watchdog_lora_steps: int = 5  # optimizer steps after which LoRA B matrices must have left zero
-    objective: str = "sft"  # sft: supervised records | mpo: preference pairs (question / chosen / rejected), the loss of the preference section
     watchdog_grad_norm: float = 1e4  # gradient norm treated as exploding (3 log intervals in a row, or once if not finite)
 
 

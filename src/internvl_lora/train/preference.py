@@ -242,4 +242,4 @@ class PreferenceObjective:
         values = packed.tolist()
         n = max(values[-1], 1.0)
         prefix = "eval_" if split == "eval" else ""
-        return {prefix + k: round(v / n, 6) for k, v in zip(keys, values[:-1])}
+        return {prefix + k: v / n for k, v in zip(keys, values[:-1])}
