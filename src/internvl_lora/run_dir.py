@@ -15,16 +15,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import platform
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
 import yaml
 
 from .distributed import is_main, print0, world_size
-from .errors import CheckpointSaveError, UserError
+from .errors import CheckpointError, CheckpointSaveError, UserError
 
 RUN_META = "internvl_lora.json"
 INIT_ADAPTER = "adapter_init"  # PiSSA / OLoRA: the adapter as initialised (for the conversion on save)
@@ -225,6 +227,60 @@ def find_resume_checkpoint(out: Path) -> Path | None:
             if is_main():
                 shutil.rmtree(p, ignore_errors=True)
     return last
+
+
+# What the Trainer loads from a checkpoint besides the adapter weights (torch pickles, loaded weights-only).
+RESUME_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth", "rng_state_*.pth")
+
+
+def damaged_resume_file(folder: Path) -> str | None:
+    """What is wrong with the training state of a complete checkpoint (None: nothing found). Each torch file
+    is opened as the Trainer opens it -- weights-only, so a pickle that would run code is refused, not run --
+    but memory-mapped: its zip structure and pickled header are read, its tensor data is not."""
+    from transformers.trainer_pt_utils import safe_globals
+
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"{folder / 'trainer_state.json'}: not readable JSON ({e})"
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        return f"{folder / 'trainer_state.json'}: no integer global_step"
+    for f in sorted({f for pattern in RESUME_STATE for f in folder.glob(pattern)}):
+        try:
+            size = f.stat().st_size
+            if size == 0:
+                return f"{f}: empty (0 bytes)"
+            if not zipfile.is_zipfile(f):  # torch.save writes a zip whose directory comes last
+                return f"{f}: cut short or not a torch file ({size:,} bytes, no complete zip archive)"
+            with safe_globals():
+                torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except OSError as e:
+            return f"{f}: cannot be read ({e.strerror or e})"
+        except pickle.UnpicklingError:
+            return f"{f}: holds a pickle of more than tensors, which could run code when loaded (it was not loaded)"
+        except (RuntimeError, EOFError, ValueError) as e:  # torch's reader: the archive is damaged
+            return f"{f}: damaged ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
+    return None
+
+
+def check_resume_state(out: Path, resume: Path, argv: list[str]) -> None:
+    """Refuse, before the model is loaded, to resume from a checkpoint whose training state is damaged
+    (cut short, empty, or an unsafe pickle), naming the file, the previous sound checkpoint and the command
+    that continues from it. Nothing is deleted: the user decides."""
+    problem = damaged_resume_file(resume)
+    if problem is None:
+        return
+    earlier = [p for p in checkpoints(out) if int(p.name.split("-")[1]) < int(resume.name.split("-")[1])]
+    sound = next((p for p in reversed(earlier) if is_complete_checkpoint(p) and damaged_resume_file(p) is None), None)
+    import shlex
+
+    rm = f"rm -r {shlex.quote(str(resume))}"
+    raise CheckpointError(
+        f"cannot resume from {resume}: {problem}. "
+        + (f"The previous checkpoint {sound} is sound: to resume from it, delete the damaged one: {rm}; "
+           f"then run {resume_command(out, argv)}" if sound else
+           f"No earlier checkpoint is sound: delete it ({rm}) and run the same command with train.resume=true "
+           "to start over"))
 
 
 RUN_OUTPUTS = ("adapter", ".adapter.partial", INIT_ADAPTER, "metrics.jsonl", "tensorboard", "loss_curve.png",
