@@ -364,6 +364,19 @@ def check_resume_compatible(out: Path, cfg) -> None:
                    "the data position and order after resuming will not match the interrupted run")
 
 
+def write_failure(e: BaseException) -> str | None:
+    """Why a checkpoint write failed, for an error the user can act on; None for an unknown exception (a bug,
+    which keeps its traceback). torch.save reports a failed write (a full disk, a quota) as a RuntimeError
+    from its zip writer ("PytorchStreamWriter failed writing file data/0: file write failed"), not an OSError."""
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}{f' ({e.filename})' if getattr(e, 'filename', None) else ''}"
+    text = str(e)
+    if isinstance(e, RuntimeError) and "PytorchStreamWriter failed" in text:
+        detail = text[text.index("PytorchStreamWriter failed"):].splitlines()[0]
+        return f"torch could not write the file, most likely the disk is full ({detail})"
+    return None
+
+
 def save_final(trainer, out: Path, init_dir: Path | None) -> Path:
     """Write OUT/adapter atomically (into a temporary folder, then renamed)."""
     final, tmp = out / "adapter", out / ".adapter.partial"
@@ -381,12 +394,15 @@ def save_final(trainer, out: Path, init_dir: Path | None) -> Path:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        reason = write_failure(e)
+        if reason is None:
+            raise
         if is_main():
             shutil.rmtree(tmp, ignore_errors=True)
         last = last_complete_checkpoint(out)
         raise CheckpointSaveError(
-            f"could not write the final adapter to {final}: {e.strerror or e}. "
+            f"could not write the final adapter to {final}: {reason}. "
             + (f"The last checkpoint {last} is intact: free disk space and run the same command with "
                "train.resume=true to write the adapter from it" if last else "No checkpoint was kept")) from None
     return final

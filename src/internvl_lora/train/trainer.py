@@ -18,7 +18,7 @@ from ..data.batching import TokenBudgetBatchSampler
 from ..data.collate import HOST_SIDE_KEYS, HostSide
 from ..distributed import print0, world_size
 from ..errors import CheckpointSaveError
-from ..run_dir import is_complete_checkpoint, last_complete_checkpoint
+from ..run_dir import is_complete_checkpoint, last_complete_checkpoint, write_failure
 from .callbacks import StepStats
 from .loss import loss_weights, trained_positions_loss
 from .speed import checkpoint_some_layers, decoder_layers
@@ -184,7 +184,10 @@ class InternVLTrainer(Trainer):
         previous = last_complete_checkpoint(run_dir)
         try:
             super()._save_checkpoint(model, trial)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
+            reason = write_failure(e)
+            if reason is None:
+                raise
             removed = False
             if self.args.should_save and folder.exists() and not is_complete_checkpoint(folder):
                 shutil.rmtree(folder, ignore_errors=True)
@@ -193,7 +196,7 @@ class InternVLTrainer(Trainer):
                 "no earlier checkpoint exists"
             raise CheckpointSaveError(
                 f"could not write checkpoint {folder} at step {self.state.global_step}: "
-                f"{e.strerror or e}{f' ({e.filename})' if getattr(e, 'filename', None) else ''}. "
+                f"{reason}. "
                 + ("The half-written folder was removed and " if removed else "")
                 + f"{kept[0].upper() + kept[1:] if not removed else kept}. Free disk space (or fix permissions) "
                 "and run the same command with train.resume=true to continue from the last checkpoint") from None
