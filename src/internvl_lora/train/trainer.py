@@ -16,6 +16,7 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from ..data.batching import TokenBudgetBatchSampler
 from ..data.collate import HOST_SIDE_KEYS, HostSide
+from ..data.dataset import LOAD_ERROR
 from ..distributed import print0, world_size
 from ..errors import CheckpointSaveError
 from ..run_dir import is_complete_checkpoint, last_complete_checkpoint, write_failure
@@ -74,6 +75,15 @@ class _SamplerEpoch(TrainerCallback):
             sampler.set_epoch(int(state.epoch + 1e-9) if state.epoch else 0)
 
 
+def _raising_load_errors(batches):
+    """The batches of a loader, raising the error of a sample that failed in a loader worker (dataset.py)
+    as it comes, with its own message (before the Trainer looks for the batch's labels)."""
+    for batch in batches:
+        if isinstance(batch, dict) and LOAD_ERROR in batch:
+            raise batch[LOAD_ERROR]
+        yield batch
+
+
 class InternVLTrainer(Trainer):
     """The HF Trainer with a few additions:
 
@@ -100,6 +110,8 @@ class InternVLTrainer(Trainer):
 
     # -- loss ---------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if LOAD_ERROR in inputs:  # a sample failed in a loader worker (evaluation batches come this way)
+            raise inputs[LOAD_ERROR]
         training = model.training
         if training:
             self.stats.add(inputs)
@@ -118,7 +130,7 @@ class InternVLTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """With a weighted loss (`sample` / `square`), the normaliser is the sum of the weights over the
         global batch (micro-batches of the step x processes) instead of the number of trained tokens."""
-        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches, num_items = super().get_batch_samples(_raising_load_errors(epoch_iterator), num_batches, device)
         if self.loss_reduction == "token" or not batches or "labels" not in batches[0]:
             return batches, num_items
         total = sum(loss_weights(b["labels"], b.get("cu_seq_lens_q"), self.loss_reduction).sum() for b in batches)
