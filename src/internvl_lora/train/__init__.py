@@ -201,7 +201,7 @@ def _train(cfg: RunConfig) -> Path:
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=data_collator(tokenizer, settings, dummy, cfg.data.packing), callbacks=callbacks,
         stats=stats, lengths=train_ds.lengths, fast_loss=cfg.data.packing, loss_reduction=t.loss_reduction,
-        token_budget=cfg.data.max_tokens_per_batch,
+        token_budget=cfg.data.max_tokens_per_batch, measure=log.measure,
     )
     if t.gradient_checkpointing and t.checkpoint_layers < 1:
         trainer.add_callback(_CheckpointShare(model, t.checkpoint_layers))

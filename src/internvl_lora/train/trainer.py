@@ -98,8 +98,9 @@ class InternVLTrainer(Trainer):
     """
 
     def __init__(self, *args, stats: StepStats, lengths: list[int] | None = None, fast_loss: bool = False,
-                 loss_reduction: str = "token", token_budget: int = 0, **kw):
+                 loss_reduction: str = "token", token_budget: int = 0, measure=None, **kw):
         super().__init__(*args, **kw)
+        self.measure = measure  # (logs, state) -> figures added to a logged record (`LogLine.measure`)
         if self.data_collator is not None and not isinstance(self.data_collator, HostSide):
             self.data_collator = HostSide(self.data_collator)  # counts and trained positions, on the host
         self.stats, self.lengths, self.loss_reduction = stats, lengths, loss_reduction
@@ -187,6 +188,8 @@ class InternVLTrainer(Trainer):
     # -- logging ------------------------------------------------------------------------------------
     def log(self, logs: dict, start_time: float | None = None) -> None:
         self.stats.sync()  # every rank logs at the same steps (the loss was just gathered)
+        if self.measure is not None:  # before the callbacks: TensorBoard and the others get the figures too
+            logs = {**logs, **self.measure(logs, self.state)}
         super().log(logs, start_time)
 
     # -- checkpoints --------------------------------------------------------------------------------
