@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import platform
+import shlex
 import shutil
 import sys
 import zipfile
@@ -234,9 +235,8 @@ RESUME_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth", "r
 
 
 def damaged_resume_file(folder: Path) -> str | None:
-    """What is wrong with the training state of a complete checkpoint (None: nothing found). Each torch file
-    is opened as the Trainer opens it -- weights-only, so a pickle that would run code is refused, not run --
-    but memory-mapped: its zip structure and pickled header are read, its tensor data is not."""
+    """What is wrong with a checkpoint's training state (None: nothing). Torch files are opened weights-only
+    as the Trainer does (a pickle that would run code is refused) but memory-mapped (no tensor data read)."""
     from transformers.trainer_pt_utils import safe_globals
 
     try:
@@ -272,8 +272,6 @@ def check_resume_state(out: Path, resume: Path, argv: list[str]) -> None:
         return
     earlier = [p for p in checkpoints(out) if int(p.name.split("-")[1]) < int(resume.name.split("-")[1])]
     sound = next((p for p in reversed(earlier) if is_complete_checkpoint(p) and damaged_resume_file(p) is None), None)
-    import shlex
-
     rm = f"rm -r {shlex.quote(str(resume))}"
     raise CheckpointError(
         f"cannot resume from {resume}: {problem}. "
@@ -329,8 +327,6 @@ def clear_earlier_run(out: Path) -> None:
 def resume_command(out: Path, argv: list[str], overwrite: bool = False) -> str:
     """The command that continues this run: the same `train` command line with train.resume=true (or, when
     train() was not started from the command line, the saved config, whose paths are absolute)."""
-    import shlex
-
     if len(argv) > 1 and argv[1] == "train":
         args = [a for a in argv[2:] if not a.startswith(("train.resume=", "train.overwrite="))]
         return shlex.join(["internvl-lora", "train", *args, "train.resume=true"])
@@ -365,9 +361,8 @@ def check_resume_compatible(out: Path, cfg) -> None:
 
 
 def write_failure(e: BaseException) -> str | None:
-    """Why a checkpoint write failed, for an error the user can act on; None for an unknown exception (a bug,
-    which keeps its traceback). torch.save reports a failed write (a full disk, a quota) as a RuntimeError
-    from its zip writer ("PytorchStreamWriter failed writing file data/0: file write failed"), not an OSError."""
+    """Why a checkpoint write failed; None for an unknown exception (a bug: it keeps its traceback). torch.save
+    reports a failed write (disk full) as a RuntimeError from its zip writer ("PytorchStreamWriter failed ...")."""
     if isinstance(e, OSError):
         return f"{e.strerror or e}{f' ({e.filename})' if getattr(e, 'filename', None) else ''}"
     text = str(e)

@@ -106,9 +106,8 @@ class LogLine(TrainerCallback):
     """One line per logging interval, rank 0 only: step, loss, lr, grad norm, share of trained tokens,
     tokens/s, tiles/s (all ranks together), ETA, peak memory.
 
-    Also appends every logged record to `metrics.jsonl` in the output folder. On resume, records after
-    the resumed step are dropped first (they are logged again). The trainer calls `measure` before the
-    record goes to any callback, so TensorBoard and the other loggers get the same figures.
+    Also appends every logged record to `metrics.jsonl` in the output folder (on resume, records after the
+    resumed step are dropped first). The trainer calls `measure` first, so TensorBoard gets the figures too.
     """
 
     def __init__(self, stats: StepStats, out_dir: str | Path, print_fn=print, resume_step: int | None = None,
@@ -134,9 +133,8 @@ class LogLine(TrainerCallback):
         self.last = (self.stats.global_tokens, self.stats.global_trained, self.stats.global_tiles)
 
     def measure(self, logs: dict, state) -> dict:
-        """The figures of a training record (throughput over the interval since the last one, label
-        coverage, memory); {} for other records. An evaluation's `eval*_runtime` is taken out of the
-        interval: the tokens were counted while training, so the time must be too."""
+        """The figures of a training record (throughput since the last one, label coverage, memory); {} for
+        others. An evaluation's `eval*_runtime` is taken out of the interval: its tokens are training tokens."""
         now = time.time()
         if self.t0 is None:
             self.t0 = self.t_last = now
