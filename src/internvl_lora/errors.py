@@ -32,6 +32,9 @@ class DataError(UserError):
         where = f"{path}:{line}: " if path is not None and line is not None else (f"{path}: " if path else "")
         super().__init__(f"{where}[{kind}] {message}")
 
+    def __reduce__(self):  # pickled whole (a loader worker sends it to the main process), not from its text
+        return type(self), (self.kind, self.detail, self.path, self.line)
+
 
 class CheckpointSaveError(UserError):
     """Writing a checkpoint or the final adapter failed (disk full, permissions, ...)."""

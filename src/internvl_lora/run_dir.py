@@ -15,16 +15,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import platform
+import shlex
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
 import yaml
 
 from .distributed import is_main, print0, world_size
-from .errors import CheckpointSaveError, UserError
+from .errors import CheckpointError, CheckpointSaveError, UserError
 
 RUN_META = "internvl_lora.json"
 INIT_ADAPTER = "adapter_init"  # PiSSA / OLoRA: the adapter as initialised (for the conversion on save)
@@ -227,6 +230,57 @@ def find_resume_checkpoint(out: Path) -> Path | None:
     return last
 
 
+# What the Trainer loads from a checkpoint besides the adapter weights (torch pickles, loaded weights-only).
+RESUME_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth", "rng_state_*.pth")
+
+
+def damaged_resume_file(folder: Path) -> str | None:
+    """What is wrong with a checkpoint's training state (None: nothing). Torch files are opened weights-only
+    as the Trainer does (a pickle that would run code is refused) but memory-mapped (no tensor data read)."""
+    from transformers.trainer_pt_utils import safe_globals
+
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"{folder / 'trainer_state.json'}: not readable JSON ({e})"
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        return f"{folder / 'trainer_state.json'}: no integer global_step"
+    for f in sorted({f for pattern in RESUME_STATE for f in folder.glob(pattern)}):
+        try:
+            size = f.stat().st_size
+            if size == 0:
+                return f"{f}: empty (0 bytes)"
+            if not zipfile.is_zipfile(f):  # torch.save writes a zip whose directory comes last
+                return f"{f}: cut short or not a torch file ({size:,} bytes, no complete zip archive)"
+            with safe_globals():
+                torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except OSError as e:
+            return f"{f}: cannot be read ({e.strerror or e})"
+        except pickle.UnpicklingError:
+            return f"{f}: holds a pickle of more than tensors, which could run code when loaded (it was not loaded)"
+        except (RuntimeError, EOFError, ValueError) as e:  # torch's reader: the archive is damaged
+            return f"{f}: damaged ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
+    return None
+
+
+def check_resume_state(out: Path, resume: Path, argv: list[str]) -> None:
+    """Refuse, before the model is loaded, to resume from a checkpoint whose training state is damaged
+    (cut short, empty, or an unsafe pickle), naming the file, the previous sound checkpoint and the command
+    that continues from it. Nothing is deleted: the user decides."""
+    problem = damaged_resume_file(resume)
+    if problem is None:
+        return
+    earlier = [p for p in checkpoints(out) if int(p.name.split("-")[1]) < int(resume.name.split("-")[1])]
+    sound = next((p for p in reversed(earlier) if is_complete_checkpoint(p) and damaged_resume_file(p) is None), None)
+    rm = f"rm -r {shlex.quote(str(resume))}"
+    raise CheckpointError(
+        f"cannot resume from {resume}: {problem}. "
+        + (f"The previous checkpoint {sound} is sound: to resume from it, delete the damaged one: {rm}; "
+           f"then run {resume_command(out, argv)}" if sound else
+           f"No earlier checkpoint is sound: delete it ({rm}) and run the same command with train.resume=true "
+           "to start over"))
+
+
 RUN_OUTPUTS = ("adapter", ".adapter.partial", INIT_ADAPTER, "metrics.jsonl", "tensorboard", "loss_curve.png",
                RUN_META, "trainable_params.json", "config.yaml")
 
@@ -273,8 +327,6 @@ def clear_earlier_run(out: Path) -> None:
 def resume_command(out: Path, argv: list[str], overwrite: bool = False) -> str:
     """The command that continues this run: the same `train` command line with train.resume=true (or, when
     train() was not started from the command line, the saved config, whose paths are absolute)."""
-    import shlex
-
     if len(argv) > 1 and argv[1] == "train":
         args = [a for a in argv[2:] if not a.startswith(("train.resume=", "train.overwrite="))]
         return shlex.join(["internvl-lora", "train", *args, "train.resume=true"])
@@ -308,6 +360,18 @@ def check_resume_compatible(out: Path, cfg) -> None:
                    "the data position and order after resuming will not match the interrupted run")
 
 
+def write_failure(e: BaseException) -> str | None:
+    """Why a checkpoint write failed; None for an unknown exception (a bug: it keeps its traceback). torch.save
+    reports a failed write (disk full) as a RuntimeError from its zip writer ("PytorchStreamWriter failed ...")."""
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}{f' ({e.filename})' if getattr(e, 'filename', None) else ''}"
+    text = str(e)
+    if isinstance(e, RuntimeError) and "PytorchStreamWriter failed" in text:
+        detail = text[text.index("PytorchStreamWriter failed"):].splitlines()[0]
+        return f"torch could not write the file, most likely the disk is full ({detail})"
+    return None
+
+
 def save_final(trainer, out: Path, init_dir: Path | None) -> Path:
     """Write OUT/adapter atomically (into a temporary folder, then renamed)."""
     final, tmp = out / "adapter", out / ".adapter.partial"
@@ -325,12 +389,15 @@ def save_final(trainer, out: Path, init_dir: Path | None) -> Path:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        reason = write_failure(e)
+        if reason is None:
+            raise
         if is_main():
             shutil.rmtree(tmp, ignore_errors=True)
         last = last_complete_checkpoint(out)
         raise CheckpointSaveError(
-            f"could not write the final adapter to {final}: {e.strerror or e}. "
+            f"could not write the final adapter to {final}: {reason}. "
             + (f"The last checkpoint {last} is intact: free disk space and run the same command with "
                "train.resume=true to write the adapter from it" if last else "No checkpoint was kept")) from None
     return final

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..internvl.constants import IGNORE_INDEX
+from .dataset import LOAD_ERROR
 
 
 class PadCollator:
@@ -193,6 +194,9 @@ class HostSide:
         return getattr(self.inner, "packed", False)
 
     def __call__(self, features: list[dict]) -> dict:
+        failed = next((f[LOAD_ERROR] for f in features if LOAD_ERROR in f), None)
+        if failed is not None:  # a sample failed in a loader worker: the batch carries the error (dataset.py)
+            return {LOAD_ERROR: failed}
         batch = self.inner(features)
         if "labels" in batch:
             batch["trained_positions"] = trained_positions(batch["labels"])

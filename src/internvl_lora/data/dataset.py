@@ -14,12 +14,20 @@ from .meta import Line, apply_repeat
 from .records import parse_record
 
 
+# A DataLoader worker re-raises an exception in the main process as its type built from one string that
+# holds the worker's traceback. So in a worker the dataset returns the error under this key instead; the
+# collator (`collate.HostSide`) makes it the whole batch and the trainer raises it, message unchanged.
+LOAD_ERROR = "load_error"
+
+
 class SampleLoadError(DataError):
-    """A sample that passed the audit failed while training (e.g. a file changed since). Built from one
-    message so that a DataLoader worker can re-raise it in the main process."""
+    """A sample that passed the audit failed while training (e.g. a file changed since)."""
 
     def __init__(self, message: str, kind: str = "load_failed", path: str | None = None, line: int | None = None):
         super().__init__(kind, message, path, line)
+
+    def __reduce__(self):
+        return type(self), (self.detail, self.kind, self.path, self.line)
 
 
 class SupervisedDataset(torch.utils.data.Dataset):
@@ -57,8 +65,11 @@ class SupervisedDataset(torch.utils.data.Dataset):
             enc = self.encode(i)
         except DataError as e:
             ln = self.lines[i]
-            raise SampleLoadError(f"sample {ln.index} passed the data audit but failed while training: {e} "
-                                  "(did a file change? run `internvl-lora data check`)", e.kind, ln.path, ln.line) from None
+            error = SampleLoadError(f"sample {ln.index} passed the data audit but failed while training: {e} "
+                                    "(did a file change? run `internvl-lora data check`)", e.kind, ln.path, ln.line)
+            if torch.utils.data.get_worker_info() is not None:
+                return {LOAD_ERROR: error}
+            raise error from None
         return self.item(enc)
 
     def item(self, enc) -> dict:

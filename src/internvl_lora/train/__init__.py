@@ -32,7 +32,7 @@ from ..errors import CheckpointSaveError, UserError
 from ..internvl.checkpoint import CheckpointInfo, inspect_checkpoint, load_model, load_tokenizer
 from ..lora.policy import MUTATING_INITS, apply_policy, format_table, is_peft, save_initial_adapter, trainable_table
 from ..run_dir import (
-    INIT_ADAPTER, RUN_META, check_output_dir, check_resume_compatible, clear_earlier_run, earlier_run,
+    INIT_ADAPTER, RUN_META, check_output_dir, check_resume_compatible, check_resume_state, clear_earlier_run, earlier_run,
     find_resume_checkpoint, fingerprint, last_complete_checkpoint, read_json, resolve_dtype, resume_command,
     run_metadata, save_final, write_json,
 )
@@ -113,6 +113,7 @@ def _train(cfg: RunConfig) -> Path:
     if t.resume:
         resume = find_resume_checkpoint(out)
         if resume:
+            check_resume_state(out, resume, sys.argv)
             check_resume_compatible(out, cfg)
         print0(f"resuming from {resume}" if resume else f"no complete checkpoint in {out} to resume from; starting fresh")
 
@@ -212,6 +213,7 @@ def _train(cfg: RunConfig) -> Path:
         data_collator=data_collator(tokenizer, settings, dummy, cfg.data.packing, preference=preference is not None),
         callbacks=callbacks, stats=stats, lengths=train_ds.lengths, fast_loss=cfg.data.packing,
         loss_reduction=t.loss_reduction, token_budget=cfg.data.max_tokens_per_batch, preference=preference,
+        measure=log.measure,
     )
     if t.gradient_checkpointing and t.checkpoint_layers < 1:
         trainer.add_callback(_CheckpointShare(model, t.checkpoint_layers))

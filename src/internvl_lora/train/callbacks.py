@@ -106,8 +106,8 @@ class LogLine(TrainerCallback):
     """One line per logging interval, rank 0 only: step, loss, lr, grad norm, share of trained tokens,
     tokens/s, tiles/s (all ranks together), ETA, peak memory.
 
-    Also appends every logged record to `metrics.jsonl` in the output folder. On resume, records after
-    the resumed step are dropped first (they are logged again).
+    Also appends every logged record to `metrics.jsonl` in the output folder (on resume, records after the
+    resumed step are dropped first). The trainer calls `measure` first, so TensorBoard gets the figures too.
     """
 
     def __init__(self, stats: StepStats, out_dir: str | Path, print_fn=print, resume_step: int | None = None,
@@ -116,6 +116,8 @@ class LogLine(TrainerCallback):
         self.t0 = self.t_last = None
         self.start_step = 0
         self.last = (0, 0, 0)
+        self.eta = 0.0
+        self.measured: dict | None = None  # what `measure` added to the record being logged
         self.history: list[dict] = []
         self.path = self.out_dir / "metrics.jsonl"
         if resume_step is not None:
@@ -130,33 +132,45 @@ class LogLine(TrainerCallback):
         self.start_step = state.global_step
         self.last = (self.stats.global_tokens, self.stats.global_trained, self.stats.global_tiles)
 
+    def measure(self, logs: dict, state) -> dict:
+        """The figures of a training record (throughput since the last one, label coverage, memory); {} for
+        others. An evaluation's `eval*_runtime` is taken out of the interval: its tokens are training tokens."""
+        now = time.time()
+        if self.t0 is None:
+            self.t0 = self.t_last = now
+        if "loss" not in logs:
+            paused = sum(v for k, v in logs.items() if k.startswith("eval") and k.endswith("_runtime")
+                         and isinstance(v, (int, float)))
+            self.t_last = min(now, self.t_last + paused)
+            self.measured = {}
+            return self.measured
+        dt = max(1e-9, now - self.t_last)
+        tokens, trained, tiles = self.stats.global_tokens, self.stats.global_trained, self.stats.global_tiles
+        d_tokens, d_trained, d_tiles = tokens - self.last[0], trained - self.last[1], tiles - self.last[2]
+        self.t_last, self.last = now, (tokens, trained, tiles)
+        elapsed = now - self.t0
+        self.eta = elapsed / max(1, state.global_step - self.start_step) * max(0, state.max_steps - state.global_step)
+        mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+        self.measured = {
+            "tokens_per_s": round(d_tokens / dt, 1), "tiles_per_s": round(d_tiles / dt, 2), "trained_tokens": trained,
+            "label_coverage": round(d_trained / d_tokens if d_tokens else 0.0, 5), "elapsed_s": round(elapsed, 1),
+            "peak_mem_gib": round(mem, 2)}
+        return self.measured
+
     def write(self, record: dict) -> None:
         self.history.append(record)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     def on_log(self, args, state, control, logs=None, **kw):
-        if not state.is_world_process_zero or not logs:
+        if not logs:
             return
-        now = time.time()
-        if self.t0 is None:
-            self.t0 = self.t_last = now
-        dt = max(1e-9, now - self.t_last)
-        tokens, trained, tiles = self.stats.global_tokens, self.stats.global_trained, self.stats.global_tiles
-        d_tokens, d_trained, d_tiles = tokens - self.last[0], trained - self.last[1], tiles - self.last[2]
-        tok_s, tiles_s = d_tokens / dt, d_tiles / dt
-        self.t_last, self.last = now, (tokens, trained, tiles)
-        elapsed = now - self.t0
-        done = max(1, state.global_step - self.start_step)
-        eta = elapsed / done * max(0, state.max_steps - state.global_step)
-        mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-        record = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
-        training_record = "loss" in logs
-        if training_record:
-            coverage = d_trained / d_tokens if d_tokens else 0.0
-            record.update({"tokens_per_s": round(tok_s, 1), "tiles_per_s": round(tiles_s, 2),
-                           "trained_tokens": trained, "label_coverage": round(coverage, 5),
-                           "elapsed_s": round(elapsed, 1), "peak_mem_gib": round(mem, 2)})
+        measured = self.measured if self.measured is not None else self.measure(logs, state)
+        self.measured = None
+        if not state.is_world_process_zero:
+            return
+        record = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))},
+                  **measured}
         self.write(record)
         parts = [f"step {state.global_step}/{state.max_steps}"]
         if "loss" in logs:
@@ -173,11 +187,11 @@ class LogLine(TrainerCallback):
             parts.append(f"lr {logs['learning_rate']:.2e}")
         if "grad_norm" in logs:
             parts.append(f"gnorm {logs['grad_norm']:.2f}")
-        if training_record:
-            parts += [f"trained {100 * record['label_coverage']:.1f}% of tokens", f"{tok_s:,.0f} tok/s",
-                      f"{tiles_s:,.1f} tiles/s", f"eta {_fmt_time(eta)}"]
-            if mem:
-                parts.append(f"mem {mem:.1f} GiB")
+        if measured:
+            parts += [f"trained {100 * record['label_coverage']:.1f}% of tokens", f"{record['tokens_per_s']:,.0f} tok/s",
+                      f"{record['tiles_per_s']:,.1f} tiles/s", f"eta {_fmt_time(self.eta)}"]
+            if record["peak_mem_gib"]:
+                parts.append(f"mem {record['peak_mem_gib']:.1f} GiB")
         if len(parts) > 1:
             self.print(" | ".join(parts))
 
@@ -334,6 +348,7 @@ class GenerationEval(TrainerCallback):
         self.trainer = None
         self.watchdog: Watchdog | None = None  # no generation after a diagnosis
         self.last_step = -1
+        self.pending: int | None = None  # a step whose generation waits for its training record
         self.results: list[dict] = []
 
     def evaluate(self, model, device) -> dict:
@@ -373,15 +388,23 @@ class GenerationEval(TrainerCallback):
         if self.watchdog is not None and self.watchdog.diagnosis:
             return
         self.last_step = state.global_step
+        started = time.time()
         metrics = self.evaluate(self.trainer.model, self.trainer.args.device)
         self.results.append({"step": state.global_step, **metrics})
-        self.trainer.log(metrics)
+        # The runtime lets the log line take the generation time out of the training throughput.
+        self.trainer.log({**metrics, "eval_gen_runtime": round(time.time() - started, 3)})
 
     def on_step_end(self, args, state, control, **kw):
         if self.every and state.global_step % self.every == 0 and not control.should_training_stop:
-            should_log = control.should_log
+            if control.should_log:
+                self.pending = state.global_step  # after this step's training record (`on_log`)
+            else:
+                self._run(state)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if self.pending == state.global_step and logs and "loss" in logs:
+            self.pending = None
             self._run(state)
-            control.should_log = should_log  # Trainer.log clears it: keep this step's training record
 
     def on_train_end(self, args, state, control, **kw):
         if self.every:

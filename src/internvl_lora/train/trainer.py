@@ -16,9 +16,10 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from ..data.batching import TokenBudgetBatchSampler
 from ..data.collate import HOST_SIDE_KEYS, HostSide
+from ..data.dataset import LOAD_ERROR
 from ..distributed import print0, world_size
 from ..errors import CheckpointSaveError
-from ..run_dir import is_complete_checkpoint, last_complete_checkpoint
+from ..run_dir import is_complete_checkpoint, last_complete_checkpoint, write_failure
 from .callbacks import StepStats
 from .loss import loss_weights, trained_positions_loss
 from .speed import checkpoint_some_layers, decoder_layers
@@ -74,6 +75,15 @@ class _SamplerEpoch(TrainerCallback):
             sampler.set_epoch(int(state.epoch + 1e-9) if state.epoch else 0)
 
 
+def _raising_load_errors(batches):
+    """The batches of a loader, raising the error of a sample that failed in a loader worker (dataset.py)
+    as it comes, with its own message (before the Trainer looks for the batch's labels)."""
+    for batch in batches:
+        if isinstance(batch, dict) and LOAD_ERROR in batch:
+            raise batch[LOAD_ERROR]
+        yield batch
+
+
 class InternVLTrainer(Trainer):
     """The HF Trainer with a few additions:
 
@@ -88,9 +98,10 @@ class InternVLTrainer(Trainer):
     """
 
     def __init__(self, *args, stats: StepStats, lengths: list[int] | None = None, fast_loss: bool = False,
-                 loss_reduction: str = "token", token_budget: int = 0, preference=None, **kw):
+                 loss_reduction: str = "token", token_budget: int = 0, preference=None, measure=None, **kw):
         super().__init__(*args, **kw)
         self.preference = preference  # a `preference.PreferenceObjective` for train.objective=mpo
+        self.measure = measure  # (logs, state) -> figures added to a logged record (`LogLine.measure`)
         if self.data_collator is not None and not isinstance(self.data_collator, HostSide):
             self.data_collator = HostSide(self.data_collator)  # counts and trained positions, on the host
         self.stats, self.lengths, self.loss_reduction = stats, lengths, loss_reduction
@@ -101,6 +112,8 @@ class InternVLTrainer(Trainer):
 
     # -- loss ---------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if LOAD_ERROR in inputs:  # a sample failed in a loader worker (evaluation batches come this way)
+            raise inputs[LOAD_ERROR]
         training = model.training
         if training:
             self.stats.add(inputs)
@@ -132,7 +145,7 @@ class InternVLTrainer(Trainer):
         """With a weighted loss (`sample` / `square`), the normaliser is the sum of the weights over the
         global batch (micro-batches of the step x processes) instead of the number of trained tokens; with
         the preference objective, the number of pairs of the global batch."""
-        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches, num_items = super().get_batch_samples(_raising_load_errors(epoch_iterator), num_batches, device)
         if self.preference is not None and batches:
             total = sum(b["pairs"] for b in batches)
         elif self.loss_reduction == "token" or not batches or "labels" not in batches[0]:
@@ -208,6 +221,8 @@ class InternVLTrainer(Trainer):
                 logs.update(self.preference.pop_metrics("train"))
             elif "eval_loss" in logs:
                 logs.update(self.preference.pop_metrics("eval"))
+        if self.measure is not None:  # before the callbacks: TensorBoard and the others get the figures too
+            logs = {**logs, **self.measure(logs, self.state)}
         super().log(logs, start_time)
 
     # -- checkpoints --------------------------------------------------------------------------------
@@ -217,7 +232,10 @@ class InternVLTrainer(Trainer):
         previous = last_complete_checkpoint(run_dir)
         try:
             super()._save_checkpoint(model, trial)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
+            reason = write_failure(e)
+            if reason is None:
+                raise
             removed = False
             if self.args.should_save and folder.exists() and not is_complete_checkpoint(folder):
                 shutil.rmtree(folder, ignore_errors=True)
@@ -226,7 +244,7 @@ class InternVLTrainer(Trainer):
                 "no earlier checkpoint exists"
             raise CheckpointSaveError(
                 f"could not write checkpoint {folder} at step {self.state.global_step}: "
-                f"{e.strerror or e}{f' ({e.filename})' if getattr(e, 'filename', None) else ''}. "
+                f"{reason}. "
                 + ("The half-written folder was removed and " if removed else "")
                 + f"{kept[0].upper() + kept[1:] if not removed else kept}. Free disk space (or fix permissions) "
                 "and run the same command with train.resume=true to continue from the last checkpoint") from None
