@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     from internvl_lora.data.audit import audit
     from internvl_lora.data.dataset import SupervisedDataset
     from internvl_lora.data.encode import EncodeSettings
-    from internvl_lora.data.records import load_meta
+    from internvl_lora.data.meta import load_meta
     from internvl_lora.internvl.templates import get_template
 
     w, h = (int(x) for x in args.size.lower().split("x"))

@@ -124,7 +124,7 @@ def tiny_items(demo_folder, tmp_path_factory):
     from internvl_lora.data.audit import audit
     from internvl_lora.data.dataset import SupervisedDataset
     from internvl_lora.data.encode import EncodeSettings
-    from internvl_lora.data.records import load_meta
+    from internvl_lora.data.meta import load_meta
     from internvl_lora.internvl.checkpoint import inspect_checkpoint, load_tokenizer
 
     d = demo_folder(12, 4, copy_to=tmp_path_factory.mktemp("fast"))  # a copy: tests write trainer output into it

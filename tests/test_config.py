@@ -161,6 +161,16 @@ def test_overrides_and_yaml_scalars(tmp_path):
     (["train.checkpoint_layers=1.5"], "train.checkpoint_layers must be in [0, 1]"),
     (["train.loss_reduction=mean"], "train.loss_reduction must be one of token, sample, square"),
     (["train.compile=true"], "train.compile was removed"),
+    (["train.objective=dpo"], "train.objective must be sft or mpo"),
+    (["train.objective=mpo", "policy.init=pissa"], "does not work with policy.init=pissa"),
+    (["train.objective=mpo", "policy.llm=full"], "needs LoRA on the LLM or the vision tower"),
+    (["preference.sigmoid_weight=0", "preference.bco_pair_weight=0", "preference.sft_weight=0"],
+     "all three loss weights are 0"),
+    (["preference.beta=0"], "preference.beta must be a positive number"),
+    (["preference.sft_weight=-1"], "preference.sft_weight must be >= 0"),
+    (["train.objective=mpo", "train.fsdp=true"], "not supported under FSDP or DeepSpeed ZeRO-3"),
+    (["train.objective=mpo", f"train.deepspeed={ROOT / 'configs/deepspeed/zero3.json'}"], "DeepSpeed ZeRO-3"),
+    (["train.objective=mpo", "train.loss_reduction=sample"], "leave train.loss_reduction=token"),
 ])
 def test_semantic_checks(tmp_path, overrides, message):
     path = tmp_path / "c.yaml"

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from internvl_lora.data.heldout import heldout_samples
-from internvl_lora.data.records import load_meta, read_lines
+from internvl_lora.data.meta import load_meta, read_lines
 from internvl_lora.infer import build_inputs, load_for_inference
 from internvl_lora.merge import merge
 from internvl_lora.validate import evaluate, loss_curve_of, run_folder_of, validate

@@ -72,7 +72,7 @@ def data_check(
 ):
     """Audit every sample: JSON, roles, answers, images, placeholder counts, lengths after tiling."""
     from .data.audit import audit, format_report
-    from .data.records import load_meta
+    from .data.meta import load_meta
 
     tokenizer, settings = _settings(model, template, max_length, max_dynamic_patch, truncation)
     result = audit(load_meta(meta), tokenizer, settings)
@@ -98,7 +98,7 @@ def data_inspect(
 ):
     """Show exactly what samples train on: prompt with trained spans, token count, tiles per image."""
     from .data.inspect import inspect, parse_index
-    from .data.records import load_meta, read_lines
+    from .data.meta import load_meta, read_lines
 
     tokenizer, settings = _settings(model, template, max_length, max_dynamic_patch)
     lines = read_lines(load_meta(meta))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import json
 import re
 import typing
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ class PolicyArgs:
 @dataclass
 class TrainArgs:
     output_dir: str = "runs/lora"  # run folder: checkpoints, logs, the final adapter
+    objective: str = "sft"  # sft: supervised records | mpo: preference pairs (question / chosen / rejected), the loss of the preference section
     per_device_batch_size: int = 4  # samples per GPU per micro-batch
     grad_accum: int = 2  # micro-batches per optimizer step (global batch = per_device_batch_size x grad_accum x GPUs)
     lr: float = 4e-5  # peak learning rate
@@ -115,11 +117,22 @@ class TrainArgs:
 
 
 @dataclass
+class PreferenceArgs:
+    """train.objective=mpo: the official MPO loss (docs/preference.md); defaults are the official recipe's."""
+
+    beta: float = 0.1  # scale of the rewards beta * (log p_policy - log p_reference)
+    sigmoid_weight: float = 0.8  # weight of the DPO sigmoid term
+    bco_pair_weight: float = 0.2  # weight of the BCO pair term (with its running reward mean)
+    sft_weight: float = 1.0  # weight of the SFT term: token-mean NLL of the chosen answer (the official rpo_alpha)
+
+
+@dataclass
 class RunConfig:
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
     policy: PolicyArgs = field(default_factory=PolicyArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
+    preference: PreferenceArgs = field(default_factory=PreferenceArgs)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -241,6 +254,41 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _validate_objective(cfg: RunConfig) -> list[str]:
+    p = []
+    t, pref, pol = cfg.train, cfg.preference, cfg.policy
+    if t.objective not in ("sft", "mpo"):
+        return [f"train.objective must be sft or mpo, got {t.objective!r}"]
+    if not (pref.beta > 0 and pref.beta == pref.beta):
+        p.append(f"preference.beta must be a positive number, got {pref.beta}")
+    weights = {k: getattr(pref, k) for k in ("sigmoid_weight", "bco_pair_weight", "sft_weight")}
+    p += [f"preference.{k} must be >= 0, got {v}" for k, v in weights.items() if not v >= 0]
+    if all(v == 0 for v in weights.values()):
+        p.append("preference: all three loss weights are 0, nothing would be trained")
+    if t.objective != "mpo":
+        return p
+    if "lora" not in (pol.llm, pol.vision):
+        p.append("train.objective=mpo needs LoRA on the LLM or the vision tower (policy.llm=lora or policy.vision=lora): "
+                 "the reference model is the model with its adapters disabled")
+    if pol.init in ("pissa", "olora"):
+        p.append(f"train.objective=mpo does not work with policy.init={pol.init}: it changes the base weights, so the "
+                 "model with its adapters disabled is not the reference model; use policy.init=default or gaussian")
+    if t.fsdp or (t.deepspeed and _zero_stage(t.deepspeed) == 3):
+        p.append("train.objective=mpo is not supported under FSDP or DeepSpeed ZeRO-3 yet (the shared-tile forward calls "
+                 "the vision tower outside the wrapped model's forward); use DDP or ZeRO-1/2")
+    if t.loss_reduction != "token":
+        p.append("train.loss_reduction applies to the SFT objective; MPO's SFT term is the token mean of each chosen "
+                 "answer, as the official recipe (leave train.loss_reduction=token)")
+    return p
+
+
+def _zero_stage(path: str) -> int:
+    try:
+        return int(json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return 0  # an unreadable DeepSpeed config is reported where it is loaded
+
+
 def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
     """Semantic checks; with check_paths, input files must exist."""
     p = []
@@ -259,6 +307,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
         p.append(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
     if cfg.data.eval_meta and cfg.data.eval_fraction:
         p.append("set data.eval_meta or data.eval_fraction, not both")
+    p += _validate_objective(cfg)
     if cfg.data.truncation not in ("drop", "cut_text"):
         p.append(f"data.truncation must be drop or cut_text, got {cfg.data.truncation!r}")
     if cfg.data.alpha_background not in (None, "white"):

@@ -54,7 +54,7 @@ def run(out: str | Path = "demo_out", n_train: int = 1600, n_heldout: int = 100,
     from .config import load_config
     from .data.audit import audit, format_report
     from .data.encode import EncodeSettings
-    from .data.records import load_meta
+    from .data.meta import load_meta
     from .internvl.checkpoint import inspect_checkpoint, load_tokenizer
     from .merge import merge
     from .train import train

@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .data.heldout import heldout_samples
-from .data.records import load_meta, read_lines
+from .data.meta import load_meta, read_lines
 from .errors import UserError
 from .infer import Loaded, build_inputs, generate, load_for_inference
 from .run_dir import RUN_META

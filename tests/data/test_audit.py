@@ -12,7 +12,8 @@ from PIL import Image
 from internvl_lora.data import encode as encode_mod
 from internvl_lora.data.audit import PROBLEM_KINDS, audit, format_report, histogram
 from internvl_lora.data.encode import EncodeSettings, encode_record
-from internvl_lora.data.records import load_meta, parse_record
+from internvl_lora.data.meta import load_meta
+from internvl_lora.data.records import parse_record
 from internvl_lora.internvl.templates import get_template
 from internvl_lora.internvl.tiling import num_tiles
 

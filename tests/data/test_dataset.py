@@ -14,7 +14,7 @@ from PIL import Image
 from internvl_lora.data.audit import audit
 from internvl_lora.data.dataset import SampleLoadError, SupervisedDataset
 from internvl_lora.data.encode import EncodeSettings
-from internvl_lora.data.records import load_meta
+from internvl_lora.data.meta import load_meta
 from internvl_lora.errors import DataError, UserError
 from internvl_lora.internvl.templates import get_template
 

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from internvl_lora.data.encode import EncodeSettings, encode_record, tiles_budget
-from internvl_lora.data.records import DatasetSpec, Line, parse_record
+from internvl_lora.data.meta import DatasetSpec, Line
+from internvl_lora.data.records import parse_record
 from internvl_lora.errors import DataError
 from internvl_lora.internvl.checkpoint import inspect_checkpoint, load_tokenizer
 from internvl_lora.internvl.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, NORMALIZE

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from internvl_lora.data.heldout import heldout_samples
-from internvl_lora.data.records import DatasetSpec, Line
+from internvl_lora.data.meta import DatasetSpec, Line
 
 
 def turns(*values):

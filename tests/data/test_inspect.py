@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from internvl_lora.cli import app
 from internvl_lora.data.encode import EncodeSettings, encode_record
 from internvl_lora.data.inspect import inspect, parse_index, render
-from internvl_lora.data.records import load_meta, parse_record, read_lines
+from internvl_lora.data.meta import load_meta, read_lines
+from internvl_lora.data.records import parse_record
 from internvl_lora.errors import UserError
 from internvl_lora.internvl.checkpoint import inspect_checkpoint, load_tokenizer
 from internvl_lora.internvl.constants import IGNORE_INDEX, NORMALIZE

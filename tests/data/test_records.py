@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from internvl_lora.data.records import (
-    DatasetSpec, Line, apply_repeat, iter_lines, load_meta, parse_record, read_lines,
-)
+from internvl_lora.data.meta import DatasetSpec, Line, apply_repeat, iter_lines, load_meta, read_lines
+from internvl_lora.data.records import parse_record
 from internvl_lora.errors import DataError
 
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "real"

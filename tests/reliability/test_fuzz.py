@@ -21,7 +21,8 @@ from PIL import Image
 
 from internvl_lora.data.audit import PROBLEM_KINDS
 from internvl_lora.data.encode import EncodeSettings, encode_record, tiles_budget
-from internvl_lora.data.records import DatasetSpec, Line, Record, decode_line, parse_record
+from internvl_lora.data.meta import DatasetSpec, Line, decode_line
+from internvl_lora.data.records import Record, parse_record
 from internvl_lora.errors import DataError, UserError
 from internvl_lora.internvl.constants import (
     IGNORE_INDEX, IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, VIDEO_PLACEHOLDER,

@@ -110,7 +110,7 @@ def test_loss_curve_png_is_written(full_run):
 
 
 def test_eval_fraction_split_is_deterministic_and_disjoint(demo):
-    from internvl_lora.data.records import Line
+    from internvl_lora.data.meta import Line
     from internvl_lora.train import split_heldout
 
     class FakeDataset:

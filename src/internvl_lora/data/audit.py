@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from ..errors import DataError
 from ..internvl.constants import IGNORE_INDEX
 from .encode import EncodeSettings, encode_record
-from .records import DatasetSpec, Line, apply_repeat, iter_lines, meta_problems, parse_record
+from .preference import OBJECTIVES, PreferenceRecord, encode_preference, parse_preference
+from .meta import DatasetSpec, Line, apply_repeat, iter_lines, meta_problems
+from .records import parse_record
 
 # Every kind of problem the audit reports (docs/data.md lists them with examples).
 PROBLEM_KINDS = {
@@ -54,6 +56,9 @@ PROBLEM_KINDS = {
     "too_long": "longer than max_length after image expansion (or a cut would split an image block)",
     "no_trained_tokens": "no answer token is left to train on",
     "template_mismatch": "the official preprocessor of the template would not train this sample",
+    # preference pairs (train.objective=mpo)
+    "bad_preference": "a preference record lacks 'question', 'chosen' or 'rejected', or one is not a string",
+    "not_preference": "a supervised record ('conversations') in preference data",
 }
 
 
@@ -62,6 +67,7 @@ WARNING_KINDS = {
     "blank_image": "an image is one flat colour after conversion to RGB (e.g. a 16-bit PNG clipped to white)",
     "alpha_dropped": "an image has transparent pixels that convert('RGB') drops (see data.alpha_background)",
     "exif_rotated": "an image's EXIF orientation is not 1: used as stored, sideways or mirrored (see data.exif_transpose)",
+    "same_answers": "a preference pair whose chosen and rejected answers are the same text",
 }
 
 
@@ -123,11 +129,16 @@ class AuditResult:
 META_KINDS = {"missing_meta", "bad_meta", "missing_annotation", "bad_repeat_time"}
 
 
-def audit(specs: list[DatasetSpec], tokenizer, settings: EncodeSettings, decode_video: bool = True) -> AuditResult:
+def audit(specs: list[DatasetSpec], tokenizer, settings: EncodeSettings, decode_video: bool = True,
+          objective: str = "sft") -> AuditResult:
     """Check every line; never stops at the first problem.
 
-    `decode_video=False`: videos are not opened; each counts as max_num_frames frames.
+    `decode_video=False`: videos are not opened; each counts as max_num_frames frames. `objective`:
+    "sft" (supervised records) or "mpo" (preference pairs; a sample's length is both answers' tokens).
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}")
+    parse, encode = (parse_preference, encode_preference) if objective == "mpo" else (parse_record, encode_record)
     result = AuditResult(lines=iter_lines(specs))
     for e in meta_problems(specs):
         result.problems.append(Problem(e.kind, e.path, e.line, e.detail))
@@ -135,8 +146,8 @@ def audit(specs: list[DatasetSpec], tokenizer, settings: EncodeSettings, decode_
     kinds: collections.Counter = collections.Counter()
     for ln in result.lines:
         try:
-            record = parse_record(ln)
-            enc = encode_record(record, tokenizer, settings, dataset_max_patch=ln.spec.max_dynamic_patch,
+            record = parse(ln)
+            enc = encode(record, tokenizer, settings, dataset_max_patch=ln.spec.max_dynamic_patch,
                                 load_pixels=False, size_cache=sizes,
                                 video_frames=None if decode_video else settings.max_num_frames)
         except DataError as e:
@@ -146,6 +157,8 @@ def audit(specs: list[DatasetSpec], tokenizer, settings: EncodeSettings, decode_
         result.warnings += [Problem(kind, ln.path, ln.line, msg) for kind, msg in enc.warnings]
         result.lengths[ln.index] = len(enc.input_ids)
         kinds[record.kind] += 1
+        if isinstance(record, PreferenceRecord):
+            record = record.chosen
         if record.video:
             result.videos += 1
             result.video_frames += len(enc.num_tiles)

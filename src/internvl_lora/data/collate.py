@@ -4,6 +4,7 @@
 - `PackedCollator` puts them into one row without padding; position ids restart at every sample and the
   sample boundaries go to the attention as cumulative lengths (`cu_seq_lens_q/k`).
 - `BlankTileCollator` (a wrapper) gives a text-only batch a blank tile, so every rank runs the vision tower.
+- `PreferenceCollator` (a wrapper) lays out preference pairs: chosen and rejected side by side, tiles once.
 - `HostSide` (a wrapper) adds, computed on the host, what the training step needs to know about the batch.
 - `data_collator` builds the training collator from the config's choices.
 
@@ -126,6 +127,38 @@ class BlankTileCollator:
         return getattr(self.inner, "pad_token_id", 0)
 
 
+class PreferenceCollator:
+    """Wraps a collator for preference pairs (`dataset.PreferenceDataset`): each pair becomes two sequences,
+    chosen then rejected (rows of a padded batch, segments of a packed one), in pair order. A pair's tiles
+    go into `pixel_values` once; `tile_index` lists, for every image block of the batch in order, the tile
+    that fills it (each pair's tiles twice), so the vision tower encodes a tile once for both answers
+    (`internvl.embed.embed_with_tiles`). `pairs`: the number of pairs."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @property
+    def packed(self) -> bool:
+        return getattr(self.inner, "packed", False)
+
+    def __call__(self, features: list[dict]) -> dict:
+        sequences, index, offset = [], [], 0
+        for f in features:
+            chosen = {"input_ids": f["chosen_input_ids"], "labels": f["chosen_labels"]}
+            tiles = 0
+            if f.get("pixel_values") is not None:
+                chosen["pixel_values"] = f["pixel_values"]
+                tiles = f["pixel_values"].shape[0]
+            sequences += [chosen, {"input_ids": f["rejected_input_ids"], "labels": f["rejected_labels"]}]
+            own = list(range(offset, offset + tiles))
+            index += own + own
+            offset += tiles
+        batch = self.inner(sequences)
+        batch["tile_index"] = torch.tensor(index, dtype=torch.long)
+        batch["pairs"] = len(features)
+        return batch
+
+
 HOST_SIDE_KEYS = ("trained_positions", "batch_counts")
 
 
@@ -171,13 +204,15 @@ class HostSide:
         return batch
 
 
-def data_collator(tokenizer, settings, dummy_vision: bool, packing: bool = False):
+def data_collator(tokenizer, settings, dummy_vision: bool, packing: bool = False, preference: bool = False):
     """Right-padding (or, with `packing`, packed) collator for the tokenizer and encode `settings`; with
     `dummy_vision`, a batch without images gets one blank tile and a masked, label-free block of image
     tokens after its last token (`BlankTileCollator`), like the official white dummy tile: the loss is
     unchanged, and every rank runs embed -> vision -> LLM in the same order (so ZeRO-3 / FSDP gathers
     match across ranks and a trainable vision part always gets a gradient)."""
     collator = PackedCollator() if packing else PadCollator(tokenizer.pad_token_id)
+    if preference:  # the blank tile of text-only batches is added in the forward (`internvl.embed`)
+        return PreferenceCollator(collator)
     if not dummy_vision:
         return collator
     from ..internvl.constants import IMG_CONTEXT_TOKEN

@@ -9,7 +9,9 @@ import torch
 from ..errors import DataError
 from .audit import AuditResult
 from .encode import EncodeSettings, encode_record
-from .records import Line, apply_repeat, parse_record
+from .preference import encode_preference, parse_preference
+from .meta import Line, apply_repeat
+from .records import parse_record
 
 
 # A DataLoader worker re-raises an exception in the main process as its type built from one string that
@@ -68,9 +70,35 @@ class SupervisedDataset(torch.utils.data.Dataset):
             if torch.utils.data.get_worker_info() is not None:
                 return {LOAD_ERROR: error}
             raise error from None
+        return self.item(enc)
+
+    def item(self, enc) -> dict:
         item = {
             "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
             "labels": torch.tensor(enc.labels, dtype=torch.long),
+            "num_tiles": enc.num_tiles,
+        }
+        if enc.pixel_values is not None:
+            item["pixel_values"] = enc.pixel_values
+        return item
+
+
+class PreferenceDataset(SupervisedDataset):
+    """Preference pairs (train.objective=mpo): both answers of a line over their shared tiles; collated
+    by `collate.PreferenceCollator`. Lengths (from the audit) are both answers' tokens together."""
+
+    def encode(self, i: int):
+        ln = self.lines[i]
+        pair = parse_preference(ln)
+        return encode_preference(pair, self.tokenizer, self.settings, dataset_max_patch=ln.spec.max_dynamic_patch,
+                                 augment=self.train and ln.spec.data_augment and not pair.chosen.video, rng=self.rng(i))
+
+    def item(self, enc) -> dict:
+        item = {
+            "chosen_input_ids": torch.tensor(enc.chosen_ids, dtype=torch.long),
+            "chosen_labels": torch.tensor(enc.chosen_labels, dtype=torch.long),
+            "rejected_input_ids": torch.tensor(enc.rejected_ids, dtype=torch.long),
+            "rejected_labels": torch.tensor(enc.rejected_labels, dtype=torch.long),
             "num_tiles": enc.num_tiles,
         }
         if enc.pixel_values is not None:

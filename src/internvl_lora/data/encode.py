@@ -332,6 +332,34 @@ def encode_record(record: Record, tokenizer, settings: EncodeSettings, *, datase
     between calls so an image used by many samples is checked once. `video_frames` (with
     `load_pixels=False`): count a video as this many frames without opening it.
     """
+    media = encode_media(record, settings, dataset_max_patch=dataset_max_patch, augment=augment, rng=rng,
+                         load_pixels=load_pixels, size_cache=size_cache, video_frames=video_frames)
+    ids, labels, cut = encode_text(media.turns, record.system, media.num_tiles, tokenizer, settings, record.source)
+    pixel_values, kept = media.pixels(settings, keep_tiles)
+    return Encoded(ids, labels, media.num_tiles, pixel_values, kept, cut, media.warnings)
+
+
+@dataclass
+class Media:
+    """A record's images or video frames, tiled: the turns with placeholders expanded to image blocks,
+    tiles per image, the tiles themselves (when loaded) and the audit's image warnings."""
+
+    turns: list[tuple[str, str]]
+    num_tiles: list[int]
+    pieces: list[torch.Tensor]
+    warnings: list[tuple[str, str]]
+
+    def pixels(self, settings: EncodeSettings, keep_tiles: bool = False):
+        """(pixel_values, tiles before normalization when `keep_tiles`), or (None, None) without pixels."""
+        if not self.pieces:
+            return None, None
+        return normalize(self.pieces, settings.normalize_type), tile_images(self.pieces) if keep_tiles else None
+
+
+def encode_media(record: Record, settings: EncodeSettings, *, dataset_max_patch: int | None = None,
+                 augment: bool = False, rng: random.Random | None = None, load_pixels: bool = True,
+                 size_cache: dict | None = None, video_frames: int | None = None) -> Media:
+    """The media half of `encode_record` (same arguments): tiles, counts and the expanded turns."""
     rng = rng or random.Random(0)
     source = record.source
     turns = list(record.turns)
@@ -372,26 +400,27 @@ def encode_record(record: Record, tokenizer, settings: EncodeSettings, *, datase
         turns[0] = (turns[0][0], expand_video_placeholder(turns[0][1], n_frames))
         counts = [1] * n_frames
         turns = expand_turns(turns, IMAGE_PLACEHOLDER, n_frames)
+    return Media(turns, counts, pieces, found)
 
+
+def encode_text(turns: list[tuple[str, str]], system: str | None, num_tiles: list[int], tokenizer,
+                settings: EncodeSettings, source) -> tuple[list[int], list[int], int]:
+    """The text half of `encode_record`: template, label mask, image-token expansion and truncation of
+    turns whose placeholders `encode_media` expanded. Returns (input_ids, labels, tokens cut)."""
     context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
     end_id = tokenizer.convert_tokens_to_ids(IMG_END_TOKEN)
     try:
-        ids, labels = encode_conversation(tokenizer, settings.template, turns, record.system)
+        ids, labels = encode_conversation(tokenizer, settings.template, turns, system)
     except TemplateMismatch as e:
         raise DataError("template_mismatch", str(e), *source) from None
     except UserError as e:
         raise DataError("bad_role_order", str(e), *source) from None
-    ids, labels = _expand_context(ids, labels, context_id, [c * settings.tokens_per_tile for c in counts], source)
+    ids, labels = _expand_context(ids, labels, context_id, [c * settings.tokens_per_tile for c in num_tiles], source)
     ids, labels, cut = _truncate(ids, labels, settings, end_id, source)
     if all(lab == IGNORE_INDEX for lab in labels):
         raise DataError("no_trained_tokens", "no answer token is left to train on (the official code would train "
                         "this sample with a zero loss)", *source)
-    pixel_values, kept = None, None
-    if pieces:
-        pixel_values = normalize(pieces, settings.normalize_type)
-        if keep_tiles:
-            kept = tile_images(pieces)
-    return Encoded(ids, labels, counts, pixel_values, kept, cut, found)
+    return ids, labels, cut
 
 
 def _cached_check(path: str, settings: EncodeSettings, source, cache: dict | None) -> ImageCheck:

@@ -18,7 +18,8 @@ from pathlib import Path
 from ..errors import DataError, UserError
 from ..internvl.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN
 from .encode import EncodeSettings, encode_record
-from .records import Line, parse_record
+from .meta import Line
+from .records import parse_record
 
 BOLD_GREEN, RESET = "\033[1;32m", "\033[0m"
 

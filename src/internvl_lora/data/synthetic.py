@@ -107,3 +107,28 @@ def make_dataset(out_dir: str | Path, n_train: int = 1600, n_heldout: int = 100,
         "shapes_heldout": {"root": ".", "annotation": "heldout.jsonl", "data_augment": False, "repeat_time": 1},
     }, indent=2) + "\n")
     return out
+
+
+def preference_pair(record: dict, rng: random.Random) -> dict:
+    """The official preference format of one record: the same question and media, its answer as `chosen`
+    and another answer of the same kind (another colour, another text answer) as `rejected`."""
+    question, chosen = record["conversations"][0]["value"], record["conversations"][1]["value"]
+    if chosen in COLORS:
+        rejected = rng.choice([c for c in COLORS if c != chosen])
+    else:
+        rejected = rng.choice([a for _, a in TEXT_ONLY if a != chosen])
+    pair = {k: v for k, v in record.items() if k != "conversations"}
+    return {**pair, "question": question, "chosen": chosen, "rejected": rejected}
+
+
+def make_preference_dataset(out_dir: str | Path, n_train: int = 800, n_heldout: int = 100, tile: int = 64,
+                            seed: int = 0) -> Path:
+    """The same task as preference pairs (question, chosen, rejected), in `train.jsonl` / `heldout.jsonl`
+    with the same meta files as `make_dataset`. A model that cannot see ranks the pairs at chance (0.5)."""
+    out = make_dataset(out_dir, n_train, n_heldout, tile, seed)
+    rng = random.Random(seed + 1)
+    for split in ("train", "heldout"):
+        path = out / f"{split}.jsonl"
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        path.write_text("".join(json.dumps(preference_pair(r, rng)) + "\n" for r in records), encoding="utf-8")
+    return out

@@ -24,9 +24,9 @@ from transformers.trainer_callback import PrinterCallback
 from ..config import RunConfig, save_config
 from ..data.audit import audit, format_report
 from ..data.collate import data_collator
-from ..data.dataset import SupervisedDataset
+from ..data.dataset import PreferenceDataset, SupervisedDataset
 from ..data.encode import EncodeSettings
-from ..data.records import load_meta
+from ..data.meta import load_meta
 from ..distributed import is_main, print0, world_size
 from ..errors import CheckpointSaveError, UserError
 from ..internvl.checkpoint import CheckpointInfo, inspect_checkpoint, load_model, load_tokenizer
@@ -37,6 +37,7 @@ from ..run_dir import (
     run_metadata, save_final, write_json,
 )
 from .callbacks import GenerationEval, LogLine, LossCurve, StepStats, TrainingHealthError, Watchdog, generation_samples
+from .preference import PreferenceObjective, PreferenceState
 from .speed import backend_switches_restored, register_varlen_attention, speed_options
 from .trainer import (
     InternVLTrainer, _CheckpointShare, sharded_weights, training_arguments, use_tensorboard_dir, zero_stage,
@@ -57,7 +58,7 @@ def encode_settings(cfg: RunConfig, info: CheckpointInfo) -> EncodeSettings:
 
 def prepare_data(cfg: RunConfig, tokenizer, settings: EncodeSettings, meta: str, train: bool):
     specs = load_meta(meta)
-    result = audit(specs, tokenizer, settings)
+    result = audit(specs, tokenizer, settings, objective=cfg.train.objective)
     print0(format_report(result))
     if result.problems:
         if not cfg.data.skip_invalid:
@@ -67,7 +68,8 @@ def prepare_data(cfg: RunConfig, tokenizer, settings: EncodeSettings, meta: str,
         print0(f"skipping {len(result.problems)} invalid sample(s) (data.skip_invalid=true)")
     if not result.valid:
         raise UserError(f"{meta}: no valid sample to train on")
-    return SupervisedDataset(result, tokenizer, settings, train=train, seed=cfg.train.seed), result, specs
+    dataset = PreferenceDataset if cfg.train.objective == "mpo" else SupervisedDataset
+    return dataset(result, tokenizer, settings, train=train, seed=cfg.train.seed), result, specs
 
 
 def split_heldout(ds: SupervisedDataset, fraction: float, seed: int) -> tuple[SupervisedDataset, SupervisedDataset]:
@@ -197,11 +199,21 @@ def _train(cfg: RunConfig) -> Path:
         gen_eval.watchdog = watchdog
         callbacks.append(gen_eval)
     dummy = t.dummy_vision == "always" or (t.dummy_vision == "auto" and world_size() > 1)
+    preference = None
+    if t.objective == "mpo":
+        p = cfg.preference
+        preference = PreferenceObjective(model, p.beta, p.sigmoid_weight, p.bco_pair_weight, p.sft_weight, dummy)
+        pref_state = PreferenceState(preference.running)
+        callbacks.append(pref_state)
+        if resume and not pref_state.restore(resume):
+            raise UserError(f"{resume} holds no preference state (the BCO running mean): it was not written by an "
+                            "MPO run; start a new run (train.overwrite=true) instead of resuming")
     trainer = InternVLTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        data_collator=data_collator(tokenizer, settings, dummy, cfg.data.packing), callbacks=callbacks,
-        stats=stats, lengths=train_ds.lengths, fast_loss=cfg.data.packing, loss_reduction=t.loss_reduction,
-        token_budget=cfg.data.max_tokens_per_batch, measure=log.measure,
+        data_collator=data_collator(tokenizer, settings, dummy, cfg.data.packing, preference=preference is not None),
+        callbacks=callbacks, stats=stats, lengths=train_ds.lengths, fast_loss=cfg.data.packing,
+        loss_reduction=t.loss_reduction, token_budget=cfg.data.max_tokens_per_batch, preference=preference,
+        measure=log.measure,
     )
     if t.gradient_checkpointing and t.checkpoint_layers < 1:
         trainer.add_callback(_CheckpointShare(model, t.checkpoint_layers))

@@ -175,7 +175,11 @@ class LogLine(TrainerCallback):
         parts = [f"step {state.global_step}/{state.max_steps}"]
         if "loss" in logs:
             parts.append(f"loss {logs['loss']:.4f}")
+        if "rewards/accuracy" in logs:  # the preference objective
+            parts.append(f"reward acc {logs['rewards/accuracy']:.2f} margin {logs['rewards/margin']:.3f}")
         for k, v in logs.items():
+            if "/" in k and k not in ("eval_rewards/accuracy", "eval_rewards/margin"):
+                continue  # the other preference metrics: metrics.jsonl and tensorboard only
             if k.startswith("eval_") and isinstance(v, (int, float)) and not k.endswith(
                     ("_runtime", "_per_second")):
                 parts.append(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}")

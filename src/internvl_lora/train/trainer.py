@@ -98,8 +98,9 @@ class InternVLTrainer(Trainer):
     """
 
     def __init__(self, *args, stats: StepStats, lengths: list[int] | None = None, fast_loss: bool = False,
-                 loss_reduction: str = "token", token_budget: int = 0, measure=None, **kw):
+                 loss_reduction: str = "token", token_budget: int = 0, preference=None, measure=None, **kw):
         super().__init__(*args, **kw)
+        self.preference = preference  # a `preference.PreferenceObjective` for train.objective=mpo
         self.measure = measure  # (logs, state) -> figures added to a logged record (`LogLine.measure`)
         if self.data_collator is not None and not isinstance(self.data_collator, HostSide):
             self.data_collator = HostSide(self.data_collator)  # counts and trained positions, on the host
@@ -116,6 +117,8 @@ class InternVLTrainer(Trainer):
         training = model.training
         if training:
             self.stats.add(inputs)
+        if self.preference is not None:
+            return self._preference_loss(model, inputs, return_outputs, num_items_in_batch if training else None)
         if not (training and self.fast_loss):  # what HostSide added is not for the model
             inputs = {k: v for k, v in inputs.items() if k not in HOST_SIDE_KEYS}
         if training and self.fast_loss:  # logits only where a label is trained (loss.trained_positions_loss)
@@ -128,13 +131,27 @@ class InternVLTrainer(Trainer):
             self.stats.add_loss(loss)
         return (loss, outputs) if return_outputs else loss
 
+    def _preference_loss(self, model, inputs, return_outputs, pairs_in_batch):
+        """The MPO loss: per-pair terms summed and divided by the pairs of the global batch."""
+        inputs = {k: v for k, v in inputs.items() if k != "batch_counts"}
+        loss = self.preference(model, inputs, pairs_in_batch)
+        if pairs_in_batch is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes  # a global count, as for the SFT loss
+        if model.training:
+            self.stats.add_loss(loss)
+        return (loss, {"loss": loss}) if return_outputs else loss  # a mapping: prediction_step reads no logits
+
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """With a weighted loss (`sample` / `square`), the normaliser is the sum of the weights over the
-        global batch (micro-batches of the step x processes) instead of the number of trained tokens."""
+        global batch (micro-batches of the step x processes) instead of the number of trained tokens; with
+        the preference objective, the number of pairs of the global batch."""
         batches, num_items = super().get_batch_samples(_raising_load_errors(epoch_iterator), num_batches, device)
-        if self.loss_reduction == "token" or not batches or "labels" not in batches[0]:
+        if self.preference is not None and batches:
+            total = sum(b["pairs"] for b in batches)
+        elif self.loss_reduction == "token" or not batches or "labels" not in batches[0]:
             return batches, num_items
-        total = sum(loss_weights(b["labels"], b.get("cu_seq_lens_q"), self.loss_reduction).sum() for b in batches)
+        else:
+            total = sum(loss_weights(b["labels"], b.get("cu_seq_lens_q"), self.loss_reduction).sum() for b in batches)
         total = torch.as_tensor(total, dtype=torch.float32, device=device).reshape(1)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             total = self.accelerator.gather(total)
@@ -148,6 +165,17 @@ class InternVLTrainer(Trainer):
             self._grouped_sampler = GroupedSampler(self.lengths, global_batch, self.args.data_seed or self.args.seed)
             return self._grouped_sampler
         return super()._get_train_sampler(train_dataset)
+
+    def _get_eval_sampler(self, eval_dataset):
+        """Length grouping of the evaluation samples from the audit's lengths (the stock sampler would
+        encode every sample, images included, to measure it, and cannot measure a preference pair)."""
+        lengths = getattr(eval_dataset, "lengths", None)
+        if self.args.train_sampling_strategy != "group_by_length" or not lengths or self.args.world_size > 1:
+            return super()._get_eval_sampler(eval_dataset)
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        return LengthGroupedSampler(self.args.eval_batch_size, lengths=lengths,
+                                    generator=torch.Generator().manual_seed(self.args.data_seed or self.args.seed))
 
     def get_train_dataloader(self):
         """With `token_budget` (data.max_tokens_per_batch): micro-batches of up to that many tokens from
@@ -188,6 +216,11 @@ class InternVLTrainer(Trainer):
     # -- logging ------------------------------------------------------------------------------------
     def log(self, logs: dict, start_time: float | None = None) -> None:
         self.stats.sync()  # every rank logs at the same steps (the loss was just gathered)
+        if self.preference is not None:  # reward accuracy, margins, log-probs, loss terms of the interval
+            if "loss" in logs:
+                logs.update(self.preference.pop_metrics("train"))
+            elif "eval_loss" in logs:
+                logs.update(self.preference.pop_metrics("eval"))
         if self.measure is not None:  # before the callbacks: TensorBoard and the others get the figures too
             logs = {**logs, **self.measure(logs, self.state)}
         super().log(logs, start_time)
