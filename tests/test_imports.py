@@ -20,12 +20,16 @@ TORCH_FREE = [
     "internvl_lora.errors",
     "internvl_lora.data.records",
     "internvl_lora.data.audit",
+    "internvl_lora.data.inspect",
+    "internvl_lora.data.convert",
     "internvl_lora.data.encode",
     "internvl_lora.data.heldout",
     "internvl_lora.data.frame_indices",
     "internvl_lora.data.video",
     "internvl_lora.data.video_probe",
     "internvl_lora.internvl.tiling",
+    "internvl_lora.internvl.templates",
+    "internvl_lora.internvl.checkpoint",
 ]
 
 
