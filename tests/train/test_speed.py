@@ -130,13 +130,14 @@ def test_checkpoint_some_layers():
     assert checkpoint_some_layers(layers, 0.0) == [] and not any(layer.gradient_checkpointing for layer in layers)
 
 
+@pytest.mark.slow
 def test_training_options_fused_lora_and_checkpoint_share(demo_folder, tmp_path, capsys, loss_curve):
     """train.fused_lora gives the loss curve of PEFT's path (float32, dropout on); train.checkpoint_layers
     recomputes only that share of the LLM layers without changing the numbers; square loss trains."""
     cfg_path = demo_folder(16, 2, copy_to=tmp_path / "d") / "train.yaml"
     ref = loss_curve(cfg_path, tmp_path / "ref", ["train.fused=false", "policy.dropout=0.1"])
     fused = loss_curve(cfg_path, tmp_path / "fused", ["train.fused=true", "policy.dropout=0.1",
-                                                  "train.gradient_checkpointing=true", "train.checkpoint_layers=0.5"])
+                                                      "train.gradient_checkpointing=true", "train.checkpoint_layers=0.5"])
     printed = capsys.readouterr().out
     assert "fused LoRA layers: " in printed and "chunked loss" in printed and "activation checkpointing on 2 of 3 LLM decoder layers" in printed
     assert len(ref) == 4
