@@ -15,10 +15,8 @@ validate is opened by `images.open_image`, so they all apply them the same way. 
 from __future__ import annotations
 
 import functools
-import os
 import random
 from dataclasses import dataclass, field
-
 from typing import TYPE_CHECKING
 
 import numpy as np

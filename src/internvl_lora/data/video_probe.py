@@ -70,7 +70,7 @@ def _probe_video(path: str, settings: EncodeSettings, clip, source, sample: str)
     idx = get_frame_indices(settings.max_num_frames, vlen, sample, fps=fps, clip=clip, rng=0,
                               min_num_frames=settings.min_num_frames, max_num_frames=settings.max_num_frames)
     if folder:
-        _, window = _clip_window(clip, vlen, fps)
+        _, window = clip_window(clip, vlen, fps)
         return min(window, settings.max_num_frames)
     return len(idx)
 
