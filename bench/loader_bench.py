@@ -8,9 +8,9 @@
 
 Each sample is one image with a question and an answer, encoded by `SupervisedDataset.__getitem__`
 exactly as training does it (parse, decode, tile, normalize, template, tokenize, labels). Torch and
-the tokenizer run on one thread. The tokenizer is the real Qwen2 BPE of InternVL2.5 (the
-InternVL2_5-1B-MPO tokenizer files) when given with `--tokenizer DIR` or found by default in a fixtures
-folder beside the repository, else the tiny test tokenizer.
+the tokenizer run on one thread. The tokenizer is the one of `--tokenizer DIR` (a checkpoint folder or
+its tokenizer files; docs/data.md's figures use InternVL2_5-1B-MPO's, the real Qwen2 BPE of InternVL2.5),
+else the tiny test tokenizer of `internvl_lora.internvl.tiny` (tokenization then costs less than for real).
 Prints one JSON object: samples/s on one core by CPU time (`process_time`, robust to other load on
 the machine) and by wall time, with the per-stage split when `--profile` is given.
 """
@@ -32,8 +32,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_TOKENIZER = REPO.parent / "shared" / "fixtures" / "real" / "InternVL2_5-1B-MPO"
 
 
 def photo(seed: int, size: tuple[int, int]) -> Image.Image:
@@ -103,12 +101,11 @@ def pixel_diff() -> dict:
 def load_tokenizer(path: str | None):
     from transformers import AutoTokenizer
 
-    folder = Path(path) if path else DEFAULT_TOKENIZER
-    if folder.is_dir():
-        return AutoTokenizer.from_pretrained(str(folder)), str(folder)
+    if path:
+        return AutoTokenizer.from_pretrained(path), path
     from internvl_lora.internvl.tiny import build_tokenizer
 
-    return build_tokenizer(), "tiny test tokenizer (real fixtures not found)"
+    return build_tokenizer(), "tiny test tokenizer (no --tokenizer given)"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -121,9 +118,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--fast-resize", action="store_true", help="torch uint8 resize (default off: PIL, the official pixels)")
     ap.add_argument("--pixel-diff", action="store_true", help="only measure --fast-resize against the official pixels")
     ap.add_argument("--augment", action="store_true", help="data_augment on (JPEG re-encode of every tile)")
-    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--tokenizer", metavar="DIR", default=None,
+                    help="tokenizer folder (e.g. a checkpoint's); default: the tiny test tokenizer")
     ap.add_argument("--profile", action="store_true", help="print the top functions by cumulative time")
     args = ap.parse_args(argv)
+    if args.tokenizer and not Path(args.tokenizer).is_dir():
+        ap.error(f"--tokenizer {args.tokenizer}: not a folder")
     torch.set_num_threads(1)
     if args.pixel_diff:
         out = {"max_abs_diff_of_255": pixel_diff()}

@@ -176,7 +176,7 @@ def main():
     ap.add_argument("--bs", type=int, default=4)
     ap.add_argument("--accum", type=int, default=2)
     ap.add_argument("--text-only-rank", type=int, default=None)
-    ap.add_argument("--out", default="/tmp/mgpu")
+    ap.add_argument("--out", default="runs/bench_multi_gpu", help="output folder (relative: to the current folder)")
     ap.add_argument("--save", action="store_true", help="save the adapter at the end (OUT/adapter)")
     ap.add_argument("--merge", metavar="TOKENIZER_DIR", default=None,
                     help="also save the base (OUT/base) and merge the adapter into OUT/merged, with the parity check; "

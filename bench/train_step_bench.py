@@ -325,7 +325,7 @@ if __name__ == "__main__":
     ap.add_argument("--timeline", type=int, default=0, help="CUDA-only trace of this many steps (first configuration)")
     ap.add_argument("--sync-debug", action="store_true", help="warn at each host-device sync of one step (first configuration)")
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
-    ap.add_argument("--out", default="/tmp/bench_run")
+    ap.add_argument("--out", default="runs/bench_train_step", help="trainer output folder (relative: to the current folder)")
     ap.add_argument("--lora-kernels", type=int, default=1, help="with --fused 1: LoRA dropout in Triton kernels (0/1; part of train.fused)")
     ap.add_argument("--fused-mlp", type=int, default=1, help="with --fused 1: fused SwiGLU MLPs (0/1; part of train.fused)")
     ap.add_argument("--kernel-config", default="", help="JSON {G, config} for internvl_lora.lora.kernels (the last line of lora_layer_bench.py --sweep)")

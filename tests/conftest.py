@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -70,6 +71,26 @@ def shared_run(demo_folder, tmp_path_factory) -> Path:
                                 "train.logging_steps=1", "train.save_steps=1000", "data.max_dynamic_patch=2"]))
         (root / "done").touch()
     return root
+
+
+@pytest.fixture(scope="module")
+def merged_run(shared_run, tmp_path_factory, request):
+    """The shared run's adapter merged into a folder, and both loaded for inference (fresh per test module,
+    as a module may change what it loaded); `images`: three single-image held-out samples."""
+    from types import SimpleNamespace
+
+    from internvl_lora.infer import load_for_inference
+    from internvl_lora.merge import merge
+
+    d = shared_run
+    adapter = d / "run" / "adapter"
+    merged = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]) / "merged"
+    merge(adapter, merged)
+    rows = [json.loads(x) for x in (d / "data" / "heldout.jsonl").read_text().splitlines()]
+    single = [r for r in rows if isinstance(r.get("image"), str)]
+    images = [str(d / "data" / r["image"]) for r in single[:3]]
+    return SimpleNamespace(dir=d, base=d / "model", adapter=adapter, merged=merged, images=images,
+                           adapter_model=load_for_inference(adapter), merged_model=load_for_inference(merged))
 
 
 def _lora_block_class():

@@ -3,48 +3,31 @@ frames, and through the CLI stdout holds the answer lines and nothing else."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-from types import SimpleNamespace
 
-import pytest
 from PIL import Image
 
 from internvl_lora.chat import ChatSession, chat_once, interactive
-from internvl_lora.infer import build_inputs, generate, image_tiles, load_for_inference
+from internvl_lora.infer import build_inputs, generate, image_tiles
 from internvl_lora.internvl.constants import IMG_CONTEXT_TOKEN
-from internvl_lora.merge import merge
 
 MAX_NEW = 12
 
 
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory, shared_run):
-    d = shared_run
-    adapter = d / "run" / "adapter"
-    merged = tmp_path_factory.mktemp("chat") / "merged"
-    merge(adapter, merged)
-    rows = [json.loads(x) for x in (d / "data" / "heldout.jsonl").read_text().splitlines()]
-    single = [r for r in rows if isinstance(r.get("image"), str)]
-    images = [str(d / "data" / r["image"]) for r in single[:3]]
-    return SimpleNamespace(dir=d, base=d / "model", adapter=adapter, merged=merged, images=images,
-                           adapter_model=load_for_inference(adapter), merged_model=load_for_inference(merged))
-
-
-def test_merged_model_answers_like_the_adapter_folder(ws):
+def test_merged_model_answers_like_the_adapter_folder(merged_run):
     questions = ["What color is the shape?", "Describe the image."]
     answers = {}
-    for name, loaded in (("adapter", ws.adapter_model), ("merged", ws.merged_model)):
+    for name, loaded in (("adapter", merged_run.adapter_model), ("merged", merged_run.merged_model)):
         answers[name] = [ChatSession(loaded, [img], max_new_tokens=MAX_NEW).ask(q)
-                         for img in ws.images for q in questions]
+                         for img in merged_run.images for q in questions]
     assert answers["adapter"] == answers["merged"]
     assert any(a for a in answers["merged"])
 
 
-def test_session_keeps_the_images_in_the_history(ws):
-    loaded = ws.merged_model
-    img = ws.images[0]
+def test_session_keeps_the_images_in_the_history(merged_run):
+    loaded = merged_run.merged_model
+    img = merged_run.images[0]
     session = ChatSession(loaded, [img], max_new_tokens=MAX_NEW)
     a1 = session.ask("What color is the shape?")
     a2 = session.ask("Are you sure?")
@@ -60,25 +43,25 @@ def test_session_keeps_the_images_in_the_history(ws):
     assert no_image.count(context) == 0 and no_image != ids
 
 
-def test_video_frames(ws, tmp_path):
+def test_video_frames(merged_run, tmp_path):
     gif = tmp_path / "clip.gif"
     frames = [Image.new("RGB", (96, 64), (20 * k, 100, 255 - 20 * k)) for k in range(12)]
     frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100)
-    session = ChatSession(ws.merged_model, video=str(gif), max_new_tokens=4)
+    session = ChatSession(merged_run.merged_model, video=str(gif), max_new_tokens=4)
     assert len(session.frames) == 8 and session.pixels.shape[0] == 8
     answer = session.ask("What happens?")
     assert isinstance(answer, str)
     assert session.history[0][0].startswith("Frame-1: <image>\nFrame-2: <image>\n")
-    assert answer == chat_once(ws.merged_model, "What happens?", video=str(gif), max_new_tokens=4)
+    assert answer == chat_once(merged_run.merged_model, "What happens?", video=str(gif), max_new_tokens=4)
 
 
-def test_interactive_reads_one_question_per_line(ws):
+def test_interactive_reads_one_question_per_line(merged_run):
     import io
 
     out = io.StringIO()
-    turns = interactive(ws.merged_model, [ws.images[0]], None, MAX_NEW,
+    turns = interactive(merged_run.merged_model, [merged_run.images[0]], None, MAX_NEW,
                         lines=["What color is the shape?\n", "Are you sure?\n", "\n", "never asked\n"], out=out)
-    session = ChatSession(ws.merged_model, [ws.images[0]], max_new_tokens=MAX_NEW)
+    session = ChatSession(merged_run.merged_model, [merged_run.images[0]], max_new_tokens=MAX_NEW)
     expected = [session.ask("What color is the shape?"), session.ask("Are you sure?")]
     assert turns == 2 and out.getvalue().splitlines() == expected
 
@@ -91,22 +74,22 @@ def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_one_shot_writes_only_the_answer_to_stdout(ws, capfd):
+def test_one_shot_writes_only_the_answer_to_stdout(merged_run, capfd):
     """`run_chat` (what `internvl-lora chat MODEL --image X "question"` runs): the answer and a newline on
     file descriptor 1, loading messages and bars elsewhere."""
     from internvl_lora.chat import run_chat
 
     q = "What color is the shape?"
     capfd.readouterr()
-    run_chat(str(ws.merged), q, [ws.images[1]], max_new_tokens=MAX_NEW)
+    run_chat(str(merged_run.merged), q, [merged_run.images[1]], max_new_tokens=MAX_NEW)
     captured = capfd.readouterr()
-    assert captured.out == chat_once(ws.merged_model, q, [ws.images[1]], max_new_tokens=MAX_NEW) + "\n"
+    assert captured.out == chat_once(merged_run.merged_model, q, [merged_run.images[1]], max_new_tokens=MAX_NEW) + "\n"
 
 
-def test_cli_interactive_on_the_adapter_folder(ws):
+def test_cli_interactive_on_the_adapter_folder(merged_run):
     q1, q2 = "What color is the shape?", "Describe the image."
-    proc = _cli(str(ws.adapter), "--image", ws.images[2], "--max-new-tokens", str(MAX_NEW), stdin=f"{q1}\n{q2}\n")
+    proc = _cli(str(merged_run.adapter), "--image", merged_run.images[2], "--max-new-tokens", str(MAX_NEW), stdin=f"{q1}\n{q2}\n")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.split("\n")
     assert len(lines) == 3 and lines[2] == "", proc.stdout  # exactly two answer lines
-    assert lines[0] == chat_once(ws.adapter_model, q1, [ws.images[2]], max_new_tokens=MAX_NEW)
+    assert lines[0] == chat_once(merged_run.adapter_model, q1, [merged_run.images[2]], max_new_tokens=MAX_NEW)

@@ -4,44 +4,29 @@ history are counted."""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 from PIL import Image
 
-from internvl_lora.infer import build_inputs, image_tiles, load_for_inference
+from internvl_lora.infer import build_inputs, image_tiles
 from internvl_lora.internvl.constants import IMG_CONTEXT_TOKEN
-from internvl_lora.merge import merge
 
 
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory, shared_run):
-    d = shared_run
-    adapter = d / "run" / "adapter"
-    merged = tmp_path_factory.mktemp("infer") / "merged"
-    merge(adapter, merged)
-    rows = [json.loads(x) for x in (d / "data" / "heldout.jsonl").read_text().splitlines()]
-    single = [r for r in rows if isinstance(r.get("image"), str)]
-    images = [str(d / "data" / r["image"]) for r in single[:3]]
-    return SimpleNamespace(dir=d, base=d / "model", merged=merged, images=images,
-                           adapter_model=load_for_inference(adapter), merged_model=load_for_inference(merged))
-
-
-def test_tiling_comes_from_the_run_not_the_checkpoint(ws):
-    assert json.loads((ws.base / "preprocessor_config.json").read_text())["max_patches"] == 6
-    for loaded in (ws.adapter_model, ws.merged_model):
+def test_tiling_comes_from_the_run_not_the_checkpoint(merged_run):
+    assert json.loads((merged_run.base / "preprocessor_config.json").read_text())["max_patches"] == 6
+    for loaded in (merged_run.adapter_model, merged_run.merged_model):
         assert loaded.settings.max_dynamic_patch == 2
-    assert json.loads((ws.merged / "preprocessor_config.json").read_text())["max_patches"] == 2
-    wide = ws.dir / "wide.png"
+    assert json.loads((merged_run.merged / "preprocessor_config.json").read_text())["max_patches"] == 2
+    wide = merged_run.dir / "wide.png"
     Image.new("RGB", (400, 100), (200, 30, 30)).save(wide)
-    _, counts = image_tiles([str(wide)], ws.merged_model.settings)
+    _, counts = image_tiles([str(wide)], merged_run.merged_model.settings)
     assert counts == [3]  # 2 tiles + thumbnail (the checkpoint's 6 would give 4 + 1)
 
 
-def test_placeholders_in_history_are_counted(ws):
-    loaded = ws.merged_model
+def test_placeholders_in_history_are_counted(merged_run):
+    loaded = merged_run.merged_model
     context = loaded.tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
-    two = ws.images[:2]
+    two = merged_run.images[:2]
     ids, pixels = build_inputs("Which one is red?", two, loaded.settings, loaded.tokenizer,
                                history=[("Image-1: <image>\nImage-2: <image>\nLook at these.", "ok")])
     _, counts = image_tiles(two, loaded.settings)

@@ -140,9 +140,11 @@ def train(ctx: typer.Context, config: str = typer.Argument(..., help="YAML confi
     Every field and its meaning: docs/training.md.
     """
     from .config import load_config
+
+    cfg = load_config(config, list(ctx.args))  # before importing torch: a config mistake is reported at once
     from .train import train as run_train
 
-    run_train(load_config(config, list(ctx.args)))
+    run_train(cfg)
 
 
 @app.command()

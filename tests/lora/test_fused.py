@@ -168,19 +168,13 @@ def test_fused_lora_under_autocast_matches_peft(peft_block):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_fused_lora_on_cuda_redraws_the_forward_mask():
+def test_fused_lora_on_cuda_redraws_the_forward_mask(cuda_lora_inputs):
     """On the GPU in bf16: the backward's mask is the forward's (CUDA generator state saved and restored),
     checked against the explicit formula with the mask drawn from the same generator state."""
     from internvl_lora.lora.fused import _LoraLinear
 
-    torch.manual_seed(0)
     bf = torch.bfloat16
-    x = torch.randn(3, 1000, 512, device="cuda", dtype=bf, requires_grad=True)
-    base = torch.randn(256, 512, device="cuda", dtype=bf) / 20
-    bias = torch.randn(256, device="cuda", dtype=bf)
-    a = torch.randn(16, 512, device="cuda", dtype=torch.float32, requires_grad=True)
-    b = torch.randn(256, 16, device="cuda", dtype=torch.float32, requires_grad=True)
-    g = torch.randn(3, 1000, 256, device="cuda", dtype=bf)
+    x, base, bias, a, b, g = cuda_lora_inputs
     state = torch.cuda.get_rng_state()
     y = _LoraLinear.apply(x, base, bias, a, b, 2.0, 0.1, bf, False)  # torch's dropout (not the Triton kernels)
     y.backward(g)

@@ -63,20 +63,14 @@ def test_swiglu_kernels_equal_torch():
 
 @pytest.mark.gpu
 @needs_gpu
-def test_fused_lora_layer_on_the_kernel_path_equals_the_formula(monkeypatch):
+def test_fused_lora_layer_on_the_kernel_path_equals_the_formula(monkeypatch, cuda_lora_inputs):
     """_LoraLinear with dropout on a GPU: output and all gradients equal the explicit formula with the
     kernels' mask for the seed the layer drew (forward and backward use one mask)."""
     from internvl_lora.lora.fused import _LoraLinear
 
     monkeypatch.setattr(kernels, "new_seed", lambda: 4321)
-    torch.manual_seed(0)
     bf = torch.bfloat16
-    x = torch.randn(3, 1000, 512, device="cuda", dtype=bf, requires_grad=True)
-    base = torch.randn(256, 512, device="cuda", dtype=bf) / 20
-    bias = torch.randn(256, device="cuda", dtype=bf)
-    a = torch.randn(16, 512, device="cuda", dtype=torch.float32, requires_grad=True)
-    b = torch.randn(256, 16, device="cuda", dtype=torch.float32, requires_grad=True)
-    g = torch.randn(3, 1000, 256, device="cuda", dtype=bf)
+    x, base, bias, a, b, g = cuda_lora_inputs
     y = _LoraLinear.apply(x, base, bias, a, b, 2.0, 0.1, bf, True)
     y.backward(g)
     keep = kernels.dropout_keep_mask(3000, 512, 4321, 0.1, "cuda")

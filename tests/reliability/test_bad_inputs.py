@@ -85,6 +85,7 @@ def test_unusable_meta_files_are_one_clean_error(tmp_path, demo, check, monkeypa
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_train_refuses_bad_data_and_skips_it_when_asked(planted, demo, tmp_path, cli):
     base = [demo / "train.yaml", f"data.meta={planted.meta}", f"model.template={TEMPLATE}",
             f"data.max_length={MAX_LENGTH}", "train.max_steps=2", "train.per_device_batch_size=2", "train.report_to=[]",

@@ -56,21 +56,8 @@ def test_square_loss_packed_equals_padded_and_reference(tiny_items):
     assert abs(token - by_hand) > 1e-4  # the weighting does change the loss on these samples
 
 
-def _curve(cfg_path, out, overrides):
-    import json
-
-    from internvl_lora.config import load_config
-    from internvl_lora.train import train
-
-    cfg = load_config(cfg_path, ["train.max_steps=4", "train.logging_steps=1", "train.per_device_batch_size=4",
-                                 "train.report_to=[]", "train.save_steps=1000", f"train.output_dir={out}", *overrides])
-    train(cfg)
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
-
-
 @pytest.mark.slow
-def test_square_loss_is_normalised_over_the_global_batch(demo_folder, tmp_path, monkeypatch):
+def test_square_loss_is_normalised_over_the_global_batch(demo_folder, tmp_path, monkeypatch, loss_curve):
     """square: one micro-batch of 4 and two accumulated micro-batches of 2 (the same samples per step, by
     the seeded sampler) give the same loss curve: sum(w * CE) / sum(w) over the whole optimizer step."""
     import json
@@ -95,15 +82,15 @@ def test_square_loss_is_normalised_over_the_global_batch(demo_folder, tmp_path, 
 
     monkeypatch.setattr(train_mod, "trained_positions_loss", spy)
     common = ["train.loss_reduction=square", "policy.dropout=0.0", "train.max_steps=3"]
-    one = _curve(cfg_path, tmp_path / "one", common + ["train.per_device_batch_size=4", "train.grad_accum=1"])
+    one = loss_curve(cfg_path, tmp_path / "one", common + ["train.per_device_batch_size=4", "train.grad_accum=1"])
     assert len(calls) == 3 and all(abs(w - n) < 1e-5 for w, n in calls), calls  # the normaliser is sum(w)
     calls.clear()
-    two = _curve(cfg_path, tmp_path / "two", common + ["train.per_device_batch_size=2", "train.grad_accum=2"])
+    two = loss_curve(cfg_path, tmp_path / "two", common + ["train.per_device_batch_size=2", "train.grad_accum=2"])
     assert len(calls) == 6
     for (w1, n1), (w2, n2) in zip(calls[0::2], calls[1::2]):  # both micro-batches divide by the step's sum(w)
         assert abs(n1 - n2) < 1e-6 and abs(n1 - (w1 + w2)) < 1e-5, calls
     monkeypatch.undo()
-    token = _curve(cfg_path, tmp_path / "token", ["policy.dropout=0.0", "train.max_steps=3",
+    token = loss_curve(cfg_path, tmp_path / "token", ["policy.dropout=0.0", "train.max_steps=3",
                                                   "train.per_device_batch_size=4", "train.grad_accum=1"])
     assert len(one) == 3
     for a, b in zip(one, two):

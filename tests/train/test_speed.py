@@ -130,32 +130,20 @@ def test_checkpoint_some_layers():
     assert checkpoint_some_layers(layers, 0.0) == [] and not any(layer.gradient_checkpointing for layer in layers)
 
 
-def _curve(cfg_path, out, overrides):
-    import json
-
-    from internvl_lora.config import load_config
-    from internvl_lora.train import train
-
-    cfg = load_config(cfg_path, ["train.max_steps=4", "train.logging_steps=1", "train.per_device_batch_size=4",
-                                 "train.report_to=[]", "train.save_steps=1000", f"train.output_dir={out}", *overrides])
-    train(cfg)
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
-
-
-def test_training_options_fused_lora_and_checkpoint_share(demo_folder, tmp_path, capsys):
+@pytest.mark.slow
+def test_training_options_fused_lora_and_checkpoint_share(demo_folder, tmp_path, capsys, loss_curve):
     """train.fused_lora gives the loss curve of PEFT's path (float32, dropout on); train.checkpoint_layers
     recomputes only that share of the LLM layers without changing the numbers; square loss trains."""
     cfg_path = demo_folder(16, 2, copy_to=tmp_path / "d") / "train.yaml"
-    ref = _curve(cfg_path, tmp_path / "ref", ["train.fused=false", "policy.dropout=0.1"])
-    fused = _curve(cfg_path, tmp_path / "fused", ["train.fused=true", "policy.dropout=0.1",
-                                                  "train.gradient_checkpointing=true", "train.checkpoint_layers=0.5"])
+    ref = loss_curve(cfg_path, tmp_path / "ref", ["train.fused=false", "policy.dropout=0.1"])
+    fused = loss_curve(cfg_path, tmp_path / "fused", ["train.fused=true", "policy.dropout=0.1",
+                                                      "train.gradient_checkpointing=true", "train.checkpoint_layers=0.5"])
     printed = capsys.readouterr().out
     assert "fused LoRA layers: " in printed and "chunked loss" in printed and "activation checkpointing on 2 of 3 LLM decoder layers" in printed
     assert len(ref) == 4
     for a, b in zip(ref, fused):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (ref, fused)
-    square = _curve(cfg_path, tmp_path / "square", ["train.loss_reduction=square", "data.packing=true"])
+    square = loss_curve(cfg_path, tmp_path / "square", ["train.loss_reduction=square", "data.packing=true"])
     assert len(square) == 4 and all(x == x and x > 0 for x in square)
 
 

@@ -1,31 +1,28 @@
-"""Video frames for training, sampled the way the official InternVL training code samples them.
+"""Video frames for training, read the way the official InternVL training code reads them.
 
 A record's ``video`` is a video file (decoded with PyAV, ``pip install av``), a folder of frame
 images (a path ending in ``/`` or an existing directory), or a ``.gif`` (read with Pillow).
 
-`get_frame_indices` reproduces the official ``get_frame_indices`` (``'rand'``, ``'middle'``,
-``'fpsX'``) including its quirks; `load_video` picks the frames; `frame_prompt` builds the text
-that replaces ``<video>\\n`` in the first question. Differences from the official code are listed
-in docs/data-convert.md ("Video frames").
+`load_video` reads the frames that `data.frame_indices.get_frame_indices` picks; `frame_prompt` builds
+the text that replaces ``<video>\\n`` in the first question. The audit's cheaper check (frame count
+without decoding) is `data.video_probe`. Differences from the official code are listed in
+docs/data-convert.md ("Video frames").
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
 from ..errors import DataError
 from ..internvl.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from .frame_indices import as_rng, check_counts, clip_window, get_frame_indices, parse_sample
 
 __all__ = [
     "FRAME_EXTENSIONS",
     "SampledVideo",
-    "get_frame_indices",
     "sample_video",
     "load_video",
     "frame_prompt",
@@ -36,142 +33,6 @@ __all__ = [
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 FOLDER_FPS = 1.0  # frame folders carry no timing; 'fpsX' and clip assume one frame per second
 GIF_DEFAULT_FRAME_MS = 100  # what browsers use for a GIF frame with no (or zero) delay
-
-
-
-def _as_rng(rng: Any) -> np.random.Generator:
-    if rng is None:
-        return np.random.default_rng()
-    if isinstance(rng, np.random.Generator):
-        return rng
-    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
-        return np.random.default_rng(int(rng))
-    raise TypeError(f"rng must be a numpy Generator, an int seed or None, got {type(rng).__name__}")
-
-
-def _parse_sample(sample: str) -> float | None:
-    """None for 'rand'/'middle'; the output fps for 'fpsX'."""
-    if sample in ("rand", "middle"):
-        return None
-    if isinstance(sample, str) and sample.startswith("fps"):
-        try:
-            out = float(sample[3:])
-        except ValueError:
-            out = float("nan")
-        if not math.isfinite(out) or out <= 0:
-            raise ValueError(f"bad sampling {sample!r}: write fps followed by a positive number, e.g. 'fps1' or 'fps0.5'")
-        return out
-    raise ValueError(f"unknown frame sampling {sample!r}; use 'rand', 'middle' or 'fpsX' (e.g. 'fps1')")
-
-
-def _check_counts(min_num_frames: int, max_num_frames: int) -> None:
-    if min_num_frames < 1 or max_num_frames < min_num_frames:
-        raise ValueError(f"need 1 <= min_num_frames <= max_num_frames, got {min_num_frames} and {max_num_frames}")
-
-
-def _clip_window(clip: Sequence[float] | None, vlen: int, fps: float | None) -> tuple[int, int]:
-    """(start_index, number of frames) of the clip window, like the official code:
-    start = int(start_s * fps), length = int((end_s - start_s) * fps), clamped to the video."""
-    if clip is None:
-        return 0, vlen
-    if len(clip) != 2:
-        raise DataError("bad_clip", f"clip must be [start_seconds, end_seconds], got {list(clip)!r}")
-    start_s, end_s = float(clip[0]), float(clip[1])
-    if not (math.isfinite(start_s) and math.isfinite(end_s)) or start_s < 0 or end_s <= start_s:
-        raise DataError("bad_clip", f"clip [{start_s}, {end_s}] must satisfy 0 <= start < end")
-    if not fps or fps <= 0:
-        raise DataError("bad_clip", "the video has no frame rate, so a clip in seconds cannot be used")
-    # 1e-9 guards float error such as 2.3 * 10 = 22.999999999999996
-    start = int(start_s * fps + 1e-9)
-    length = int((end_s - start_s) * fps + 1e-9)
-    if start >= vlen:
-        raise DataError("bad_clip", f"clip starts at {start_s}s but the video is only {vlen / fps:.3f}s long")
-    length = min(length, vlen - start)
-    if length < 1:
-        raise DataError("bad_clip", f"clip [{start_s}, {end_s}] is shorter than one frame at {fps:g} fps")
-    return start, length
-
-
-def get_frame_indices(
-    num_frames: int | None,
-    vlen: int,
-    sample: str = "rand",
-    fps: float | None = None,
-    clip: Sequence[float] | None = None,
-    rng: Any = None,
-    min_num_frames: int = 8,
-    max_num_frames: int = 32,
-) -> list[int]:
-    """Indices of the frames to use, as the official training code picks them.
-
-    * ``num_frames`` None: the frame count T is drawn uniformly from ``[min_num_frames, max_num_frames]``
-      (``rng.integers(min, max + 1)``, the official ``np.random.randint(min, max + 1)``); this
-      happens for every sampling mode, as in the official loader.
-    * ``'rand'``: the window is cut into ``min(T, vlen)`` intervals at
-      ``linspace(0, vlen, n + 1).astype(int)``; one index is drawn from ``[start, next_start - 2]``
-      of each interval. If an interval is too short for that (``next_start - start < 2``) the whole
-      draw falls back to the sorted first ``n`` entries of a random permutation of the window.
-    * ``'middle'``: ``(start + next_start - 1) // 2`` of each interval.
-    * Both: when the window has fewer than T frames, the list is padded with its last index.
-    * ``'fpsX'``: X frames per second of video time: centres ``(k + 0.5) / X`` seconds, converted with
-      ``fps`` and rounded half-to-even (numpy ``around``); indices past the window are dropped and the
-      list is cut to ``max_num_frames``. T is not used. A window shorter than one period gives its
-      middle frame (the official code would return nothing).
-    * ``clip=[start_s, end_s]``: the window starts at ``int(start_s * fps)`` and holds
-      ``int((end_s - start_s) * fps)`` frames (clamped to the video); indices are offset by the start.
-
-    ``rng``: a ``numpy.random.Generator``, an int seed, or None (fresh entropy).
-
-    >>> get_frame_indices(8, 40, "middle")
-    [2, 7, 12, 17, 22, 27, 32, 37]
-    >>> get_frame_indices(4, 2, "middle")
-    [0, 1, 1, 1]
-    >>> get_frame_indices(None, 40, "fps2", fps=10)
-    [2, 8, 12, 18, 22, 28, 32, 38]
-    """
-    out_fps = _parse_sample(sample)
-    if out_fps is None:
-        _check_counts(min_num_frames, max_num_frames)
-    elif max_num_frames < 1:
-        raise ValueError(f"max_num_frames must be >= 1, got {max_num_frames}")
-    if vlen < 1:
-        raise DataError("empty_video", "the video has no frames")
-    if fps is not None and (not math.isfinite(fps) or fps <= 0):
-        raise DataError("bad_fps", f"frame rate must be positive, got {fps}")
-    start, n = _clip_window(clip, vlen, fps)
-    gen = _as_rng(rng)
-
-    if out_fps is None:
-        if num_frames is None:
-            t = int(gen.integers(min_num_frames, max_num_frames + 1))
-        else:
-            t = int(num_frames)
-            if t < 1:
-                raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-        k = min(t, n)
-        bounds = np.linspace(0, n, k + 1).astype(int)
-        ranges = [(int(bounds[i]), int(bounds[i + 1]) - 1) for i in range(k)]
-        if sample == "rand":
-            if all(hi > lo for lo, hi in ranges):
-                idx = [int(gen.integers(lo, hi)) for lo, hi in ranges]
-            else:
-                perm = gen.permutation(n)[:k]
-                idx = sorted(int(x) for x in perm)
-        else:
-            idx = [(lo + hi) // 2 for lo, hi in ranges]
-        if len(idx) < t:
-            idx = idx + [idx[-1]] * (t - len(idx))
-    else:
-        if fps is None:
-            raise DataError("bad_fps", f"sampling {sample!r} needs the video frame rate")
-        duration = n / fps
-        delta = 1.0 / out_fps
-        seconds = np.arange(delta / 2, duration + delta / 2, delta)
-        idx = [int(i) for i in np.around(seconds * fps).astype(int) if i < n]
-        if not idx:
-            idx = [(n - 1) // 2]
-        idx = idx[:max_num_frames]
-    return [i + start for i in idx]
 
 
 @dataclass
@@ -209,6 +70,12 @@ def _unreadable(path: str, detail: str) -> DataError:
 
 def _with_path(err: DataError, path: str) -> DataError:
     return DataError(err.kind, err.detail, path=path)
+
+
+def video_error(e: DataError, source) -> DataError:
+    """A video's DataError located at the record line `source` (file, line) that names the video."""
+    where = f"{e.path}: " if e.path else ""
+    return DataError(e.kind, where + e.detail, *source)
 
 
 def _open_image_rgb(fp: str, video: str):
@@ -265,7 +132,7 @@ def _sample_gif(path: str, choose: Callable[[int, float | None, bool], list[int]
     return SampledVideo([picked[i] for i in indices], indices, fps, vlen, "gif")
 
 
-def _import_av():
+def import_av():
     try:
         import av  # noqa: F401
     except ImportError:
@@ -276,7 +143,7 @@ def _import_av():
 
 def _sample_pyav(path: str, choose: Callable[[int, float | None, bool], list[int]], snapshot: Callable[[], Any],
                  restore: Callable[[Any], None]) -> SampledVideo:
-    av = _import_av()
+    av = import_av()
 
     def open_stream():
         container = av.open(path)
@@ -360,17 +227,17 @@ def sample_video(
 ) -> SampledVideo:
     """Like `load_video`, but also returns the picked indices, the frame rate and the length."""
     p = os.fspath(path)
-    by_fps = _parse_sample(sample) is not None
+    by_fps = parse_sample(sample) is not None
     if not by_fps:
-        _check_counts(min_num_frames, max_num_frames)
-    gen = _as_rng(rng)
+        check_counts(min_num_frames, max_num_frames)
+    gen = as_rng(rng)
 
     def choose(vlen: int, fps: float | None, folder: bool) -> list[int]:
         try:
             if folder and not by_fps:
                 # Official: a folder is subsampled only when it has more frames than T (no padding).
                 t = num_frames if num_frames is not None else int(gen.integers(min_num_frames, max_num_frames + 1))
-                start, n = _clip_window(clip, vlen, fps)
+                start, n = clip_window(clip, vlen, fps)
                 if n > t:
                     return get_frame_indices(t, vlen, sample, fps=fps, clip=clip, rng=gen,
                                              min_num_frames=min_num_frames, max_num_frames=max_num_frames)

@@ -18,12 +18,15 @@ import functools
 import io
 import random
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .constants import NORMALIZE
+
+if TYPE_CHECKING:  # torch is imported where pixels become tensors: tile counting stays torch-free
+    import torch
 
 
 def candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
@@ -70,6 +73,8 @@ def num_tiles(width: int, height: int, tile_size: int, max_num: int, min_num: in
 
 def as_u8(img: Image.Image) -> torch.Tensor:
     """An RGB image -> (1, 3, H, W) uint8 tensor sharing the array's memory (channels-last layout)."""
+    import torch
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only arrays from PIL: never written to
         return torch.from_numpy(np.asarray(img)).permute(2, 0, 1).unsqueeze(0)
@@ -78,6 +83,8 @@ def as_u8(img: Image.Image) -> torch.Tensor:
 def resize_u8(x: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """The opt-in fast resize: PIL's bicubic filter (a = -0.5, antialiased when shrinking) in torch's uint8
     kernel on a (1, 3, H, W) tensor; rounding differs from PIL by a few /255."""
+    import torch
+
     if tuple(x.shape[-2:]) == (height, width):
         return x
     return torch.nn.functional.interpolate(x, size=(height, width), mode="bicubic", antialias=True)
@@ -121,6 +128,8 @@ def jpeg_reencode(tile: Image.Image, rng: random.Random) -> Image.Image:
 
 @functools.lru_cache(maxsize=8)
 def _mean_std(normalize_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in NORMALIZE[normalize_type])
     return mean, std
 
@@ -128,6 +137,8 @@ def _mean_std(normalize_type: str) -> tuple[torch.Tensor, torch.Tensor]:
 def normalize(pieces: list[torch.Tensor], normalize_type: str = "imagenet") -> torch.Tensor:
     """uint8 (k, 3, S, S) pieces -> one float32 (n, 3, S, S) tensor, bit-identical to torchvision's
     `ToTensor` (float32, then `div(255)`) and `Normalize` (`sub_(mean).div_(std)`, float32 mean and std)."""
+    import torch
+
     mean, std = _mean_std(normalize_type)
     n = sum(p.shape[0] for p in pieces)
     out = torch.empty((n, *pieces[0].shape[1:]), dtype=torch.float32)
