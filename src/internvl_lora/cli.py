@@ -125,7 +125,7 @@ def data_convert(
     options = {k: v for k, v in dict(media_root=media_root, source_root=source_root, images_dir=images_dir).items()
                if v is not None}
     stats = convert(src, dst, fmt, keep_system=keep_system, skip_invalid=skip_invalid, **options)
-    print(stats)
+    print(stats.summary())
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -30,9 +30,10 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..internvl.constants import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, VIDEO_PLACEHOLDER
+from .convert.detect import unconverted_layout
 
 META_FIELDS = {"root", "annotation", "data_augment", "repeat_time", "max_dynamic_patch", "length"}
-REQUIRED_META_FIELDS = ("root", "annotation")
+REQUIRED_META_FIELDS = ("annotation",)  # no root: the annotation file's folder, like a bare .jsonl
 ROLES = ("human", "gpt")
 
 
@@ -229,7 +230,8 @@ def load_meta(path: str | Path) -> MetaSpecs:
         if len(problems) > before:
             continue
         specs.append(DatasetSpec(
-            name=name, root=_find_path(root, base) if root else str(base), annotation=ann_path,
+            name=name, annotation=ann_path,
+            root=_find_path(root, base) if root else str(base) if "root" in entry else str(Path(ann_path).parent),
             data_augment=augment, repeat_time=float(repeat), max_dynamic_patch=mdp,
             meta_path=str(path), meta_line=line,
         ))
@@ -341,6 +343,9 @@ def parse_record(ln: Line) -> Record:
         raise fail("bad_json", f"not valid JSON: {str(e)[:200]}") from None
     if not isinstance(obj, dict):
         raise fail("bad_json", f"each line must be a JSON object, got {type(obj).__name__}")
+    foreign = unconverted_layout(obj, ln.path)
+    if foreign:
+        raise fail("unconverted_layout", foreign)
     conv = obj.get("conversations")
     if not isinstance(conv, list) or not conv:
         raise fail("no_conversations", "missing or empty 'conversations' list")
