@@ -44,7 +44,7 @@ def orig(demo_folder, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("formats")
     cfg_path = demo_folder(16, 4, copy_to=d) / "train.yaml"
-    base = convert_checkpoint(d / "model", d / "original", "original")
+    base = convert_checkpoint(d / "model", d / "original", "original", without_code=True)
     (base / REMOTE_CODE).write_text("# stands in for the remote code of a released checkpoint\n")
     cfg = yaml.safe_load(cfg_path.read_text())
     cfg["model"]["path"] = str(base)

@@ -125,7 +125,7 @@ def data_convert(
     options = {k: v for k, v in dict(media_root=media_root, source_root=source_root, images_dir=images_dir).items()
                if v is not None}
     stats = convert(src, dst, fmt, keep_system=keep_system, skip_invalid=skip_invalid, **options)
-    print(stats)
+    print(stats.summary())
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -207,6 +207,8 @@ def convert(
     reference: Optional[str] = typer.Option(None, help="an original checkpoint whose config/.py files to use (hf -> original)"),
     adapter: bool = typer.Option(False, help="SRC is a LoRA adapter folder, not a checkpoint"),
     base: Optional[str] = typer.Option(None, help="for --adapter: the checkpoint whose config describes the layout"),
+    without_code: bool = typer.Option(False, help="hf -> original with no *.py remote code to copy: write weights, "
+                                                  "config and tokenizer only (the official code cannot load it)"),
 ):
     """Convert a checkpoint (or a LoRA adapter) between the original and the -hf format."""
     from .internvl.format.adapter import convert_adapter
@@ -217,7 +219,7 @@ def convert(
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
         print(convert_adapter(src, dst, to, cfg))
     else:
-        print(convert_checkpoint(src, dst, to, reference_original=reference))
+        print(convert_checkpoint(src, dst, to, reference_original=reference, without_code=without_code))
 
 
 @app.command()

@@ -6,7 +6,8 @@
 Steps, through the same functions the CLI commands call:
   0. build a tiny random InternVL checkpoint (-hf format) and a synthetic coloured-shapes dataset
      (train + held-out, one- and two-image samples, a few text-only ones; meta files);
-  1. data check;  2-4. LoRA training on the LLM (vision and projector frozen), adapter-only checkpoints;
+  1-4. LoRA training on the LLM (vision and projector frozen), adapter-only checkpoints, after the data
+     check that training runs first (its report is printed once);
   5. merge with the parity check;  6. validate base vs merged on the held-out split, and again with
      every image blanked (accuracy must fall to chance: the answers come from the images).
 Writes OUT/summary.json and OUT/validation/report.html.
@@ -52,10 +53,6 @@ def prepare(out: str | Path, n_train: int = 1600, n_heldout: int = 100) -> Path:
 
 def run(out: str | Path = "demo_out", n_train: int = 1600, n_heldout: int = 100, epochs: float | None = None) -> dict:
     from .config import load_config
-    from .data.audit import audit, format_report
-    from .data.encode import EncodeSettings
-    from .data.meta import load_meta
-    from .internvl.checkpoint import inspect_checkpoint, load_tokenizer
     from .merge import merge
     from .train import train
     from .validate import validate
@@ -67,13 +64,9 @@ def run(out: str | Path = "demo_out", n_train: int = 1600, n_heldout: int = 100,
     overrides = ["train.overwrite=true"] + ([f"train.epochs={epochs}"] if epochs else [])  # the demo rebuilds its folder
     cfg = load_config(config_path, overrides)
 
-    print("[1/6] data check", flush=True)
-    info = inspect_checkpoint(cfg.model.path)
-    tokenizer = load_tokenizer(cfg.model.path)
-    result = audit(load_meta(cfg.data.meta), tokenizer, EncodeSettings.from_checkpoint(info, max_length=cfg.data.max_length))
-    print(format_report(result), flush=True)
-
-    print("[2-4/6] LoRA training on the LLM (vision and projector frozen)", flush=True)
+    # train audits the data before it loads the model and prints the report: the demo's data check is that
+    # one (running `audit` here as well printed the same report twice).
+    print("[1-4/6] data check, then LoRA training on the LLM (vision and projector frozen)", flush=True)
     adapter = train(cfg)
 
     print("[5/6] merge with parity check", flush=True)

@@ -17,7 +17,7 @@ Inputs
     A list of dicts with keys ``index``, ``images`` (list of file paths), ``question``,
     ``reference`` (a string or a list of acceptable answers), ``base_answer``, ``tuned_answer`` and
     optionally ``base_score`` / ``tuned_score`` (dicts as :func:`internvl_lora.metrics.score`
-    returns). An answer is marked right (green ✓) or wrong (red ✗) by exact match, taken from the
+    returns); ``blank_answer`` / ``blank_score`` (the tuned model with the images blanked) add a row. An answer is marked right (green ✓) or wrong (red ✗) by exact match, taken from the
     score dict when present, else computed. Missing or unreadable images show a placeholder with
     the path; nothing about one sample can stop the report from being written.
 ``loss_curve``
@@ -304,7 +304,7 @@ def _sample_html(i: int, sample: Mapping[str, Any], scores: Mapping[str, Any], t
         f"<tr><th>Question</th><td>{_text(sample.get('question'))}</td></tr>",
         f"<tr><th>Reference</th><td>{_reference_html(sample.get('reference'))}</td></tr>",
     ]
-    for model, label in (("base", "Base answer"), ("tuned", "Tuned answer")):
+    for model, label in (("base", "Base answer"), ("tuned", "Tuned answer"), ("blank", "Tuned, images blanked")):
         if f"{model}_answer" in sample or f"{model}_score" in sample:
             rows.append(f'<tr class="{model}"><th>{label}</th><td>{_answer_html(sample, model, scores.get(model))}</td></tr>')
     return (
@@ -338,7 +338,7 @@ def render_report(
 
     summary = dict(summary or {})
     samples = list(samples or [])
-    per_sample = [{m: _answer_scores(s, m) for m in _MODEL_ORDER} for s in samples]
+    per_sample = [{m: _answer_scores(s, m) for m in _MODEL_ORDER + ("blank",)} for s in samples]
     thumbs = Thumbs()
 
     body: list[str] = [f"<h1>{_e(title)}</h1>"]

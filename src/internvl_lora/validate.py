@@ -7,7 +7,8 @@ HELDOUT: a meta file or a .jsonl in the official format; for each sample the las
 (earlier turns given as history, images attached where the sample puts them) and the answer is compared
 with the last reference answer. Generation is greedy and batched with left padding (the answers equal
 those of batch size 1; tests/test_validate.py checks it).
-Writes `validation.json` (per sample and overall exact match, ANLS, ROUGE-L) and a self-contained
+Writes `validation.json` (per sample and overall exact match, ANLS, ROUGE-L; with --blank-images also each
+sample's `blank_answer` / `blank_score`, the tuned model's answer with the images blanked) and a self-contained
 `report.html` (summary, per-sample images / question / reference / both answers marked right or wrong,
 and the training loss curve when the run folder can be found).
 """
@@ -108,9 +109,10 @@ def validate(base: str, tuned: str, data: str, out_dir: str, batch_size: int = 8
     tuned_answers, tuned_scores, tuned_summary = evaluate(tuned_loaded, samples, batch_size, max_new_tokens, False,
                                                           "tuned")
     summary = {"base": base_summary, "tuned": tuned_summary}
+    blank_answers = blank_scores = None
     if blank_images:
-        _, _, summary["tuned, images blanked"] = evaluate(tuned_loaded, samples, batch_size, max_new_tokens, True,
-                                                          "blank")
+        blank_answers, blank_scores, summary["tuned, images blanked"] = evaluate(
+            tuned_loaded, samples, batch_size, max_new_tokens, True, "blank")
     del tuned_loaded
     summary["samples"] = len(samples)
     summary["skipped (problems)"] = len(problems)
@@ -120,8 +122,10 @@ def validate(base: str, tuned: str, data: str, out_dir: str, batch_size: int = 8
     summary["max_new_tokens"] = max_new_tokens
     summary["seconds"] = round(time.time() - t0, 1)
     rows = []
-    for s, ba, bs, ta, ts in zip(samples, base_answers, base_scores, tuned_answers, tuned_scores):
+    for i, (s, ba, bs, ta, ts) in enumerate(zip(samples, base_answers, base_scores, tuned_answers, tuned_scores)):
         rows.append({**s, "base_answer": ba, "base_score": bs, "tuned_answer": ta, "tuned_score": ts})
+        if blank_answers is not None:  # what the tuned model answers without seeing the images
+            rows[-1].update(blank_answer=blank_answers[i], blank_score=blank_scores[i])
     (out / "validation.json").write_text(json.dumps(
         {"summary": summary, "problems": [str(p) for p in problems], "samples": rows}, indent=2, ensure_ascii=False) + "\n")
     from .report import render_report

@@ -273,7 +273,7 @@ def test_every_bad_entry_is_reported_with_its_line_and_good_entries_kept(tmp_pat
     write_jsonl(tmp_path / "a.jsonl", 2)
     entries = {
         "good": {"root": "", "annotation": "a.jsonl"},
-        "no_root": {"annotation": "a.jsonl"},
+        "no_annotation": {"root": ""},  # (no root is fine: docs/data.md)
         "typo": {"root": "", "annotation": "a.jsonl", "data_agument": True},
         "augment_text": {"root": "", "annotation": "a.jsonl", "data_augment": "yes"},
         "patch": {"root": "", "annotation": "a.jsonl", "max_dynamic_patch": 0},
@@ -289,7 +289,7 @@ def test_every_bad_entry_is_reported_with_its_line_and_good_entries_kept(tmp_pat
     text = (tmp_path / "meta.json").read_text().splitlines()
     line_of = {name: next(i + 1 for i, t in enumerate(text) if t.startswith(f'  "{name}"')) for name in entries}
     assert problems == [
-        ("bad_meta", line_of["no_root"]), ("bad_meta", line_of["typo"]), ("bad_meta", line_of["augment_text"]),
+        ("bad_meta", line_of["no_annotation"]), ("bad_meta", line_of["typo"]), ("bad_meta", line_of["augment_text"]),
         ("bad_meta", line_of["patch"]), ("bad_repeat_time", line_of["zero"]),
         ("bad_repeat_time", line_of["string_repeat"]), ("bad_meta", line_of["json_file"]),
         ("missing_annotation", line_of["gone"]), ("bad_meta", line_of["not_object"]),

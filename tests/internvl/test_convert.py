@@ -490,7 +490,8 @@ def test_convert_checkpoint_both_ways(tmp_path):
     assert llama_cfg["llm_config"]["architectures"] == ["LlamaForCausalLM"]
     assert llama_cfg["llm_config"]["rope_scaling"]["type"] == "dynamic"
     assert llama_cfg["template"] == "internlm2-chat"  # kept in the -hf config by the first conversion
-    assert not list(as_llama.glob("*.py"))
+    # the original's remote code, kept in hf/original_code/ by the first conversion, is put back
+    assert [p.name for p in as_llama.glob("*.py")] == ["modeling_internvl_chat.py"]
     reloaded = load_original_model(as_llama)
     assert reloaded.config.image_token_id == 92546
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in native.state_dict().items())
@@ -502,7 +503,7 @@ def test_convert_qwen2_hf_to_original_without_reference(tmp_path):
     native = random_native(cfg)
     native.config.image_token_id = IMAGE_TOKEN
     native.save_pretrained(tmp_path / "hf")
-    out = convert_checkpoint(tmp_path / "hf", tmp_path / "orig", to="original")
+    out = convert_checkpoint(tmp_path / "hf", tmp_path / "orig", to="original", without_code=True)
     written = json.loads((out / "config.json").read_text())
     assert written["model_type"] == "internvl_chat" and written["llm_config"]["architectures"] == ["Qwen2ForCausalLM"]
     assert written["ps_version"] == "v2" and written["force_image_size"] == 56

@@ -18,7 +18,7 @@ def original(tmp_path_factory):
     d = tmp_path_factory.mktemp("sec")
     prepare(d, n_train=2, n_heldout=1)
     out = d / "original"
-    convert_checkpoint(d / "model", out, "original")
+    convert_checkpoint(d / "model", out, "original", without_code=True)
     return d, out
 
 

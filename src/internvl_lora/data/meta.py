@@ -28,7 +28,7 @@ from pathlib import Path
 from ..errors import DataError
 
 META_FIELDS = {"root", "annotation", "data_augment", "repeat_time", "max_dynamic_patch", "length"}
-REQUIRED_META_FIELDS = ("root", "annotation")
+REQUIRED_META_FIELDS = ("annotation",)  # no root: the annotation file's folder, like a bare .jsonl
 
 
 @dataclass
@@ -198,7 +198,8 @@ def load_meta(path: str | Path) -> MetaSpecs:
         if len(problems) > before:
             continue
         specs.append(DatasetSpec(
-            name=name, root=_find_path(root, base) if root else str(base), annotation=ann_path,
+            name=name, annotation=ann_path,
+            root=_find_path(root, base) if root else str(base) if "root" in entry else str(Path(ann_path).parent),
             data_augment=augment, repeat_time=float(repeat), max_dynamic_patch=mdp,
             meta_path=str(path), meta_line=line,
         ))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from ..errors import DataError
 from ..internvl.constants import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, VIDEO_PLACEHOLDER
+from .convert.detect import unconverted_layout
 from .meta import Line, resolve_media
 
 ROLES = ("human", "gpt")
@@ -67,6 +68,9 @@ def load_object(ln: Line) -> dict:
 def parse_record(ln: Line) -> Record:
     """Validate one line against the official schema and return a Record (raises DataError)."""
     obj = load_object(ln)
+    foreign = unconverted_layout(obj, ln.path)
+    if foreign:
+        raise DataError("unconverted_layout", foreign, ln.path, ln.line)
     if "conversations" not in obj and {"question", "chosen", "rejected"} <= set(obj):
         raise DataError("no_conversations", "this is a preference record (question / chosen / rejected), not a "
                         "supervised one: train it with train.objective=mpo (check it with `data check "

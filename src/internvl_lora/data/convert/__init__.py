@@ -15,7 +15,8 @@ and the counts are returned. Nothing is dropped silently. Output is written to a
 and moved into place only when the conversion succeeds, so a failed run leaves no half-written DST.
 
 Modules: stream.py (reading, writing, rejects), media.py (media references), official.py
-(``json`` / ``jsonl``), chat.py (``sharegpt`` / ``openai``). See docs/data-convert.md for the exact rules.
+(``json`` / ``jsonl``), chat.py (``sharegpt`` / ``openai``), detect.py (tells the record reader which
+``--from`` an unconverted record needs). See docs/data-convert.md for the exact rules.
 """
 
 from __future__ import annotations

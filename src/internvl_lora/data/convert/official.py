@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from .stream import ConvertStats, Reject, run
 
-def _official_clean(keep_system: bool) -> Callable[[Any, int], dict]:
+def _official_clean(keep_system: bool, stats: ConvertStats) -> Callable[[Any, int], dict]:
     def transform(obj: Any, index: int) -> dict:
         if not isinstance(obj, dict):
             raise Reject("bad_record", f"each record must be a JSON object, got {type(obj).__name__}")
@@ -21,6 +21,7 @@ def _official_clean(keep_system: bool) -> Callable[[Any, int], dict]:
             obj["conversations"] = conv[1:]
             if not obj["conversations"]:
                 raise Reject("no_conversations", "the record holds only a system turn")
+            stats.system_dropped.append(f"{stats.source}:{stats.line}")  # said in the summary, not silent
         obj["id"] = index
         return obj
 
@@ -31,11 +32,12 @@ def json_to_jsonl(src: str | os.PathLike, dst: str | os.PathLike, *, keep_system
                   skip_invalid: bool = False) -> ConvertStats:
     """A JSON list of InternVL records -> JSONL, like the official ``tools/json2jsonl.py``.
 
-    Drops a leading ``system`` turn (unless ``keep_system``), sets ``id`` to 0, 1, 2, ... in output
+    Drops a leading ``system`` turn (unless ``keep_system``; each drop is listed in the stats' summary), sets ``id`` to 0, 1, 2, ... in output
     order (overwriting any existing id) and writes one ``json.dumps(ensure_ascii=False)`` per line.
     The list is streamed, so files larger than memory work.
     """
-    return run(src, dst, "array", _official_clean(keep_system), skip_invalid)
+    stats = ConvertStats(source=str(src))
+    return run(src, dst, "array", _official_clean(keep_system, stats), skip_invalid, stats=stats)
 
 
 def jsonl_to_jsonl(src: str | os.PathLike, dst: str | os.PathLike, *, keep_system: bool = False,
@@ -44,4 +46,5 @@ def jsonl_to_jsonl(src: str | os.PathLike, dst: str | os.PathLike, *, keep_syste
 
     Blank lines are skipped (the official tool crashes on them).
     """
-    return run(src, dst, "jsonl", _official_clean(keep_system), skip_invalid)
+    stats = ConvertStats(source=str(src))
+    return run(src, dst, "jsonl", _official_clean(keep_system, stats), skip_invalid, stats=stats)

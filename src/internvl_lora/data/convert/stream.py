@@ -10,7 +10,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .media import MediaWriter
 
 _CHUNK = 1 << 20  # bytes read at a time when streaming a JSON list
+_LISTED = 20  # file:line places a summary lists before '... (+N)'
 
 
 @dataclass
@@ -29,8 +30,12 @@ class ConvertStats:
     written: int = 0
     rejected: int = 0
     dst: str = ""
+    source: str = ""  # the input file
     rejected_path: str | None = None  # set only when at least one record was rejected
     images_written: int = 0  # files decoded from data: URLs (openai / sharegpt)
+    # "file:line" of every record whose leading system turn was dropped (json / jsonl without --keep-system)
+    system_dropped: list[str] = field(default_factory=list)
+    line: int = 0  # source line of the record being converted (set by `run` for the transforms)
 
     def summary(self) -> str:
         text = f"wrote {self.written} record(s) to {self.dst}"
@@ -38,6 +43,11 @@ class ConvertStats:
             text += f", decoded {self.images_written} image file(s)"
         if self.rejected:
             text += f"; rejected {self.rejected} record(s), listed in {self.rejected_path}"
+        if self.system_dropped:
+            shown = ", ".join(self.system_dropped[:_LISTED])
+            more = f", ... (+{len(self.system_dropped) - _LISTED})" if len(self.system_dropped) > _LISTED else ""
+            text += (f"\ndropped the leading system turn of {len(self.system_dropped)} record(s), as the official "
+                     f"tool does (pass --keep-system to keep it; the InternVL format accepts it): {shown}{more}")
         return text
 
 
@@ -228,8 +238,10 @@ def run(
     transform: Callable[[Any, int], dict],
     skip_invalid: bool,
     media: MediaWriter | None = None,
+    stats: ConvertStats | None = None,
 ) -> ConvertStats:
-    """Read records, transform each, write DST (and the rejected file) atomically."""
+    """Read records, transform each, write DST (and the rejected file) atomically. A transform that notes
+    something per record (the official cleaners) gets `stats` passed here and reads `stats.line`."""
     src_path = _open_check(src)
     dst_path = Path(dst)
     if dst_path.exists() and dst_path.resolve() == src_path.resolve():
@@ -238,7 +250,8 @@ def run(
     rej_path = rejected_path_for(dst_path)
     tmp = dst_path.with_name(f".{dst_path.name}.tmp-{os.getpid()}")
     rej_tmp = rej_path.with_name(f".{rej_path.name}.tmp-{os.getpid()}")
-    stats = ConvertStats(dst=str(dst_path))
+    stats = stats if stats is not None else ConvertStats()
+    stats.dst, stats.source = str(dst_path), str(src_path)
     ok = False
     try:
         with open(tmp, "w", encoding="utf-8", newline="\n") as out, open(rej_tmp, "w", encoding="utf-8", newline="\n") as rej:
@@ -246,6 +259,7 @@ def run(
                 try:
                     if isinstance(value, _Bad):
                         raise Reject(value.kind, value.message)
+                    stats.line = line
                     record = transform(value, stats.written)
                 except Reject as r:
                     if not skip_invalid:

@@ -69,8 +69,12 @@ def check_adapter_shapes(adapter_dir: str | Path, header: dict[str, tuple[str, t
 
 def apply_adapter(model: torch.nn.Module, adapter_dir: str | Path):
     """`PeftModel.from_pretrained(model, adapter_dir)` after the file and shape checks above."""
+    import warnings
+
     from peft import PeftModel
 
     _, header = check_adapter_files(adapter_dir)
     check_adapter_shapes(adapter_dir, header, model)
-    return PeftModel.from_pretrained(model, str(adapter_dir))
+    with warnings.catch_warnings():  # peft reads the deprecated `is_gradient_checkpointing` property
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return PeftModel.from_pretrained(model, str(adapter_dir))

@@ -30,6 +30,9 @@ TOKENIZER_FILES = (
     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.json", "chat_template.jinja",
 )
 SIDE_FILES = ("generation_config.json", "preprocessor_config.json")
+# Where `--to hf` keeps the original checkpoint's remote code (`*.py`), so that `--to original` can put it
+# back: the official code loads an original checkpoint only through that code (trust_remote_code).
+ORIGINAL_CODE_DIR = "original_code"
 
 @contextmanager
 def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
@@ -219,18 +222,26 @@ def _source_key_names(source: Path) -> dict[str, str] | None:
     if single.is_file():
         return {n: WEIGHTS_NAME for n in read_safetensors_header(single)}
     return None
+def _code_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.py") if p.is_file()) if folder.is_dir() else []
+
+
 def convert_checkpoint(src: PathLike, dst: PathLike, to: str, *, reference_original: PathLike | None = None,
-                       dtype: torch.dtype | str | None = None, overwrite: bool = False) -> Path:
+                       dtype: torch.dtype | str | None = None, overwrite: bool = False,
+                       without_code: bool = False) -> Path:
     """Convert a checkpoint folder between the original and the -hf layout.
 
     * `to="hf"`: `src` is original. Writes config.json, model.safetensors (transformers' own sharding),
       the tokenizer as tokenizer.json (built without remote code), generation_config.json and a
       preprocessor_config.json from the original tiling settings. dtype: the source's `torch_dtype`.
+      The source's `*.py` (remote code) are kept in `original_code/`, for the way back.
     * `to="original"`: `src` is -hf. With `reference_original` (an original checkpoint of the same model:
       config + `*.py`, weights optional) the output copies its config, code and tokenizer files and its shard
       layout (`save_original`). Without it, an original config is built from the -hf config
       (`hf_config_to_original`, not possible for InternLM2 models), the tokenizer files of `src` are copied,
-      and there are no `*.py` files: copy them from a matching original release to use `trust_remote_code`.
+      and so is the code kept in `src/original_code/` by an earlier `to="hf"`. With no code there, the
+      conversion is refused (the official code could not load the result) unless `without_code`: then the
+      folder has weights, config and tokenizer only (loadable here, not by the official code).
     """
     from transformers import InternVLForConditionalGeneration
 
@@ -253,10 +264,24 @@ def convert_checkpoint(src: PathLike, dst: PathLike, to: str, *, reference_origi
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(cfg), indent=2) + "\n")
+            code = _code_files(src)
+            if code:
+                (tmp / ORIGINAL_CODE_DIR).mkdir()
+                for p in code:
+                    shutil.copy2(p, tmp / ORIGINAL_CODE_DIR / p.name)
         return dst
 
     if kind != "internvl":
         raise CheckpointError(f"{src / 'config.json'}: model_type {kind!r} is not an -hf checkpoint ('internvl')")
+    code = _code_files(src / ORIGINAL_CODE_DIR)
+    if reference_original is None and not code and not without_code:
+        raise CheckpointError(
+            f"{src}: no original remote code (*.py) to write with the converted checkpoint (no "
+            f"{ORIGINAL_CODE_DIR}/ folder: the folder was not made by `internvl-lora convert --to hf`), and the "
+            "official InternVL code loads an original checkpoint only through it; pass --reference "
+            "ORIGINAL_CHECKPOINT (an original release of the same model: its config.json and *.py files, weights "
+            "not needed), or --without-code to write weights, config and tokenizer only (loadable by "
+            "internvl-lora, not by the official code)")
     model = InternVLForConditionalGeneration.from_pretrained(src, dtype=dtype_of(dtype) or "auto")
     if reference_original is not None:
         return save_original(model, reference_original, dst, dtype=dtype, overwrite=overwrite)
@@ -277,4 +302,6 @@ def convert_checkpoint(src: PathLike, dst: PathLike, to: str, *, reference_origi
         _write_original_weights(state, layout, tmp, file_of, target)
         _write_json(tmp / "config.json", original_cfg)
         _copy_side_files(src, tmp, skip=("config.json", "preprocessor_config.json"))
+        for p in code:
+            shutil.copy2(p, tmp / p.name)
     return dst

@@ -120,7 +120,7 @@ def load_original_tokenizer(path: PathLike) -> PreTrainedTokenizerBase:
     tokenizer built from the sentencepiece model; folders whose tokenizer class transformers knows (Qwen2,
     Llama, ...) load with `trust_remote_code=False`.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PretrainedConfig
 
     folder = Path(path)
     cfg_path = folder / "tokenizer_config.json"
@@ -138,6 +138,9 @@ def load_original_tokenizer(path: PathLike) -> PreTrainedTokenizerBase:
             f"{folder}: no tokenizer files (tokenizer.json, vocab.json + merges.txt, tokenizer.model)"
         )
     try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        # An empty config: otherwise transformers reads the original config.json (model_type internvl_chat,
+        # which it does not know) and logs "You are using a model of type `internvl_chat` to instantiate a
+        # model of type ``"; the tokenizer class comes from tokenizer_config.json either way.
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, config=PretrainedConfig())
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{cfg_path}: cannot load the tokenizer without remote code ({e})") from None
