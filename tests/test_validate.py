@@ -118,3 +118,44 @@ def test_validate_writes_results_and_report(ws, tmp_path):
     keep = os.environ.get("INTERNVL_LORA_KEEP_SCREENSHOT")
     if keep:
         shutil.copy(shot, keep)
+
+
+def test_preference_pairs_are_ranked_and_shown_with_the_rejected_answer(ws, tmp_path):
+    """On preference data validate scores how often each model ranks the chosen answer first (log-probs as
+    an independent forward gives them), the tuned model's reward accuracy against the base, and the report
+    shows the rejected answer."""
+    import torch
+
+    from internvl_lora.data.synthetic import make_preference_dataset
+    from internvl_lora.ranking import pair_logps
+
+    data = make_preference_dataset(tmp_path / "pairs", n_train=4, n_heldout=6)
+    out = tmp_path / "validation"
+    summary = validate(str(ws.base), str(ws.adapter), str(data / "heldout_meta.json"), str(out), batch_size=4,
+                       max_new_tokens=4, blank_images=True)
+    rows = json.loads((out / "validation.json").read_text())["samples"]
+    assert len(rows) == 6 and all("rejected" in r for r in rows)
+    for model, key in (("base", "base"), ("tuned", "tuned"), ("blank", "tuned, images blanked")):
+        logps = [r[f"{model}_logps"] for r in rows]
+        assert summary[key]["ranking_accuracy"] == pytest.approx(np.mean([c > r for c, r in logps]))
+        assert summary[key]["mean_margin"] == pytest.approx(np.mean([c - r for c, r in logps]))
+    wins = [(t[0] - b[0]) > (t[1] - b[1]) for t, b in zip((r["tuned_logps"] for r in rows), (r["base_logps"] for r in rows))]
+    assert summary["tuned"]["reward_accuracy"] == pytest.approx(np.mean(wins))
+    # the ranking's log-probabilities equal a full forward of the model on the training encoding
+    loaded = load_for_inference(ws.base)
+    lines = read_lines(load_meta(str(data / "heldout_meta.json")))
+    first = pair_logps(loaded, lines[:1])[0]
+    from internvl_lora.data.preference import encode_preference, parse_preference
+
+    enc = encode_preference(parse_preference(lines[0]), loaded.tokenizer, loaded.settings)
+    for ids, labels, value in ((enc.chosen_ids, enc.chosen_labels, first[0]), (enc.rejected_ids, enc.rejected_labels, first[1])):
+        with torch.no_grad():
+            logits = loaded.model(input_ids=torch.tensor([ids]), pixel_values=enc.pixel_values).logits[0].float()
+        lp = torch.log_softmax(logits[:-1], -1)
+        target = torch.tensor(labels[1:])
+        keep = target != -100
+        assert float(lp[keep].gather(-1, target[keep, None]).sum()) == pytest.approx(value, rel=1e-5)
+    assert rows[0]["base_logps"] == pytest.approx(list(first), rel=1e-5)
+    doc = (out / "report.html").read_text()
+    assert doc.count("<th>Rejected</th>") == 6 and "Chosen ranked first" in doc
+    assert html.escape(rows[0]["rejected"]) in doc

@@ -226,17 +226,24 @@ def convert(
 def demo(
     out: str = typer.Option("demo_out", help="output folder"),
     prepare_only: Optional[str] = typer.Option(None, help="only write model, data and DIR/train.yaml into DIR"),
-    n_train: int = typer.Option(1600, help="synthetic training samples"),
+    n_train: Optional[int] = typer.Option(None, help="synthetic training samples (default 1600; 800 pairs with --objective mpo)"),
     epochs: Optional[float] = typer.Option(None, help="override the demo's number of epochs"),
+    objective: str = typer.Option("sft", help="sft: supervised demo | mpo: preference (MPO) demo on preference pairs"),
 ):
     """Run the whole workflow on a tiny InternVL built locally and a synthetic dataset (CPU, minutes)."""
-    from .demo import prepare, run
+    from .demo import prepare, run, run_preference
 
+    if objective not in ("sft", "mpo"):
+        raise UserError(f"--objective must be sft or mpo, got {objective!r}")
+    n_train = n_train or (800 if objective == "mpo" else 1600)
     if prepare_only:
-        path = prepare(prepare_only, n_train=n_train)
+        path = prepare(prepare_only, n_train=n_train, objective=objective)
         print(f"wrote {path}\nnext: internvl-lora train {path}")
         return
-    run(out, n_train=n_train, epochs=epochs)
+    if objective == "mpo":
+        run_preference(out, n_train=n_train, epochs=epochs)
+    else:
+        run(out, n_train=n_train, epochs=epochs)
 
 
 # Errors of the storage, not of the program: one message naming the path and what to do, exit 2.

@@ -41,7 +41,9 @@ from .thumbnails import THUMB_MAX_PX, Thumbs
 __all__ = ["render_report"]
 
 _MODEL_ORDER = ("base", "tuned")
-_METRIC_LABELS = {"exact_match": "Exact match", "anls": "ANLS", "rouge_l": "ROUGE-L", "count": "Count"}
+_METRIC_LABELS = {"exact_match": "Exact match", "anls": "ANLS", "rouge_l": "ROUGE-L", "count": "Count",
+                  "ranking_accuracy": "Chosen ranked first", "mean_margin": "log p margin",
+                  "reward_accuracy": "Reward accuracy vs base"}
 # Badge colours; tests/test_report.py looks for solid patches of these two in the screenshot.
 GREEN = "#1a7f37"
 RED = "#cf222e"
@@ -302,8 +304,19 @@ def _sample_html(i: int, sample: Mapping[str, Any], scores: Mapping[str, Any], t
         outcome, tag = "broken", '<span class="tag broken">broken by tuning</span>'
     rows = [
         f"<tr><th>Question</th><td>{_text(sample.get('question'))}</td></tr>",
-        f"<tr><th>Reference</th><td>{_reference_html(sample.get('reference'))}</td></tr>",
+        f"<tr><th>{'Chosen' if 'rejected' in sample else 'Reference'}</th>"
+        f"<td>{_reference_html(sample.get('reference'))}</td></tr>",
     ]
+    if "rejected" in sample:  # a preference pair: the rejected answer, and how each model ranks the two
+        rows.append(f"<tr><th>Rejected</th><td>{_text(sample['rejected'])}</td></tr>")
+        ranked = []
+        for model, label in (("base", "base"), ("tuned", "tuned"), ("blank", "blank images")):
+            logps = sample.get(f"{model}_logps")
+            if logps:
+                ranked.append(f"{label} {logps[0] - logps[1]:+.2f}")
+        if ranked:
+            rows.append(f'<tr><th>log p chosen − rejected</th><td><span class="scores">{_e(" · ".join(ranked))}'
+                        "</span></td></tr>")
     for model, label in (("base", "Base answer"), ("tuned", "Tuned answer"), ("blank", "Tuned, images blanked")):
         if f"{model}_answer" in sample or f"{model}_score" in sample:
             rows.append(f'<tr class="{model}"><th>{label}</th><td>{_answer_html(sample, model, scores.get(model))}</td></tr>')

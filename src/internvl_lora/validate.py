@@ -26,6 +26,7 @@ from .data.heldout import heldout_samples
 from .data.meta import load_meta, read_lines
 from .errors import UserError
 from .infer import Loaded, build_inputs, generate, load_for_inference
+from .ranking import pair_logps, ranking_summary, reward_accuracy
 from .run_dir import RUN_META
 from .metrics import aggregate, score
 
@@ -94,17 +95,42 @@ def loss_curve_of(tuned: str | Path) -> list[tuple[int, float]] | None:
     return sorted(by_step.items()) or None
 
 
+def _pair_lines(lines, samples: list[dict]) -> list:
+    """The annotation line of each sample, in order, when the samples are preference pairs; [] otherwise."""
+    if not samples or "rejected" not in samples[0]:
+        return []
+    by_index = {}
+    for ln in lines:
+        by_index.setdefault(ln.index, ln)
+    return [by_index[s["index"]] for s in samples]
+
+
+def _add_ranking(summary: dict, ranks: dict) -> None:
+    """Each model's ranking accuracy and mean log-probability margin, and the tuned model's reward accuracy
+    against the base, into the summary's model rows."""
+    rows = {"base": "base", "tuned": "tuned", "blank": "tuned, images blanked"}
+    for model, logps in ranks.items():
+        r = ranking_summary(logps)
+        summary[rows[model]].update(ranking_accuracy=r["ranking_accuracy"], mean_margin=r["mean_margin"])
+    summary["tuned"]["reward_accuracy"] = reward_accuracy(ranks["tuned"], ranks["base"])
+
+
 def validate(base: str, tuned: str, data: str, out_dir: str, batch_size: int = 8, max_new_tokens: int = 32,
              limit: int | None = None, blank_images: bool = False) -> dict:
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     t0 = time.time()
-    samples, problems = heldout_samples(read_lines(load_meta(data)), limit)
+    lines = read_lines(load_meta(data))
+    samples, problems = heldout_samples(lines, limit)
     if not samples:
         raise UserError(f"{data}: no valid held-out sample" + (f" ({len(problems)} with problems)" if problems else ""))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    base_answers, base_scores, base_summary = evaluate(base, samples, batch_size, max_new_tokens, False, "base")
+    pairs = _pair_lines(lines, samples)  # preference data: the lines whose chosen / rejected get ranked
+    base_loaded = load_for_inference(base)
+    base_answers, base_scores, base_summary = evaluate(base_loaded, samples, batch_size, max_new_tokens, False, "base")
+    ranks = {"base": pair_logps(base_loaded, pairs, desc="base pairs")} if pairs else {}
+    del base_loaded
     tuned_loaded = load_for_inference(tuned)
     tuned_answers, tuned_scores, tuned_summary = evaluate(tuned_loaded, samples, batch_size, max_new_tokens, False,
                                                           "tuned")
@@ -113,6 +139,11 @@ def validate(base: str, tuned: str, data: str, out_dir: str, batch_size: int = 8
     if blank_images:
         blank_answers, blank_scores, summary["tuned, images blanked"] = evaluate(
             tuned_loaded, samples, batch_size, max_new_tokens, True, "blank")
+    if pairs:
+        ranks["tuned"] = pair_logps(tuned_loaded, pairs, desc="tuned pairs")
+        if blank_images:
+            ranks["blank"] = pair_logps(tuned_loaded, pairs, blank=True, desc="blank pairs")
+        _add_ranking(summary, ranks)
     del tuned_loaded
     summary["samples"] = len(samples)
     summary["skipped (problems)"] = len(problems)
@@ -126,6 +157,8 @@ def validate(base: str, tuned: str, data: str, out_dir: str, batch_size: int = 8
         rows.append({**s, "base_answer": ba, "base_score": bs, "tuned_answer": ta, "tuned_score": ts})
         if blank_answers is not None:  # what the tuned model answers without seeing the images
             rows[-1].update(blank_answer=blank_answers[i], blank_score=blank_scores[i])
+        for model, logps in ranks.items():  # preference pairs: log p(chosen), log p(rejected) per model
+            rows[-1][f"{model}_logps"] = list(logps[i])
     (out / "validation.json").write_text(json.dumps(
         {"summary": summary, "problems": [str(p) for p in problems], "samples": rows}, indent=2, ensure_ascii=False) + "\n")
     from .report import render_report

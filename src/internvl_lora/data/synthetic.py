@@ -34,11 +34,13 @@ def vocabulary() -> list[str]:
 
 
 def draw_shape(rng: random.Random, color: str | None, shape: str, size: tuple[int, int]) -> Image.Image:
-    """A shape on a light noisy background; no shape when color is None."""
+    """A shape on a light plain background. No shape when color is None: then a faint grey diagonal, so that
+    the image is not one flat colour (which `data check` rightly reports as a blank image)."""
     w, h = size
     bg = tuple(rng.randint(225, 255) for _ in range(3))
     img = Image.new("RGB", size, bg)
     if color is None:
+        ImageDraw.Draw(img).line([(0, 0), (w - 1, h - 1)], fill=tuple(c - 12 for c in bg), width=2)
         return img
     d = ImageDraw.Draw(img)
     s = rng.randint(int(min(w, h) * 0.55), int(min(w, h) * 0.85))
