@@ -62,8 +62,10 @@ class Synthetic(torch.utils.data.Dataset):
     def __getitem__(self, i):
         ids, labels, patches = self.items[i]
         g = torch.Generator().manual_seed(i)
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-                "pixel_values": torch.randn(patches, 3, self.tile, self.tile, generator=g)}
+        item = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+        if patches:  # a text-only sample (bench/e2e_bench.py's real samples) has no pixel_values, as in training
+            item["pixel_values"] = torch.randn(patches, 3, self.tile, self.tile, generator=g)
+        return item
 
 
 class Timer(TrainerCallback):
@@ -187,8 +189,10 @@ def timed_trainer(phases: Phases, timer):
 
 def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropout=0.05, fused=True, compile=False,
         budget=0, profile=False, chunked=True, phases=False, accum=1, timeline=0, sync_debug=False, max_grad_norm=1.0,
-        cudnn_sdpa=False, lora_kernels=True, fused_mlp=True):
-    """ckpt: share of the LLM decoder layers recomputed (0 = no activation checkpointing, 1 = all)."""
+        cudnn_sdpa=False, lora_kernels=True, fused_mlp=True, items=None):
+    """ckpt: share of the LLM decoder layers recomputed (0 = no activation checkpointing, 1 = all).
+    items: (ids, labels, tiles) samples to train on instead of the synthetic draws (with a token budget;
+    ids in the model's vocabulary, IMG_TOKEN for image tokens): bench/e2e_bench.py's real samples."""
     torch.manual_seed(0)
     vit = VIT_TINY if size == "tiny" else {}
     cfg = InternVLConfig(vision_config=vit, text_config=dict(model_type="qwen2", rope_theta=1e6, max_position_embeddings=32768, **LLM[size]),
@@ -218,7 +222,7 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
         torch.backends.cuda.enable_cudnn_sdp(True)
         done = [d for d in done if "cuDNN" not in d]
     rng = random.Random(0)
-    groups = [samples(bs, rng, max_tiles) for _ in range(steps + warmup)]
+    groups = [items] if items else [samples(bs, rng, max_tiles) for _ in range(steps + warmup)]
     data = Synthetic(groups, cfg.vision_config.image_size[0] if isinstance(cfg.vision_config.image_size, (list, tuple)) else cfg.vision_config.image_size)
     lengths = [len(ids) for ids, _, _ in data.items]
     if budget:  # the same samples, in micro-batches of up to `budget` tokens (what the trainer's sampler yields)
@@ -227,8 +231,8 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
         timed = [[data.items[i] for i in b] for b in batches[warmup * accum:usable]]
         total_steps = usable // accum
     else:
-        if accum != 1:
-            raise ValueError("--accum needs a token budget")
+        if accum != 1 or items:
+            raise ValueError("--accum and real samples need a token budget")
         timed, total_steps = groups[warmup:], steps + warmup
     # The training command's own TrainingArguments (train.training_arguments), from the same TrainArgs
     # the recipe uses; only what a benchmark needs differs (fixed step count, no saving or reporting).
