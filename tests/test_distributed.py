@@ -238,3 +238,28 @@ def test_grouped_sampler_depends_only_on_seed_epoch_and_global_batch():
     # each global batch of 8 is grouped by length: 1 process x 8 and 2 processes x 4 see the same samples
     chunks = [first[i:i + 8] for i in range(0, 40, 8)]
     assert sum(len(c) for c in chunks) == 40
+
+
+@pytest.mark.slow
+def test_preference_objective_under_ddp_matches_one_process(demo, tmp_path):
+    """train.objective=mpo with a vision LoRA: 2 DDP ranks x 1 pair give the same losses, BCO running mean
+    and adapter as 1 process x 2 pairs (pairs normalised over the global batch, the running mean's update
+    summed over the ranks, each rank's shared-tile forward outside the DDP module's own forward)."""
+    from internvl_lora.data.synthetic import make_preference_dataset
+    from internvl_lora.train import train
+
+    data = make_preference_dataset(tmp_path / "pairs", n_train=12, n_heldout=2)
+    mpo = ["train.objective=mpo", f"data.meta={data / 'meta.json'}"]
+    single = tmp_path / "single"
+    train(load_config(demo, overrides(single, 2) + mpo + ["train.dummy_vision=always"]))
+    launch(demo, tmp_path / "ddp", 2, *mpo)
+    got = [r for r in read_metrics(tmp_path / "ddp" / "metrics.jsonl") if "loss" in r]
+    want = [r for r in read_metrics(single / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 7))  # 12 pairs / 2
+    for a, b in zip(got, want):
+        for key in ("loss", "bco_delta", "rewards/margin", "loss/sft"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a, b)
+    wa = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
+    wb = load_file(single / "adapter" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys() and any("vision_tower" in k for k in wa)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
