@@ -203,3 +203,22 @@ def test_internlm2_fused_wqkv_streaming_equals_peft(orig, tmp_path):
     cfg = json.loads((stream_out / "config.json").read_text())
     assert cfg["llm_config"]["architectures"] == ["InternLM2ForCausalLM"] and cfg["use_llm_lora"] == 0
     assert (stream_out / REMOTE_CODE).is_file() and (peft_out / REMOTE_CODE).is_file()
+
+
+def test_preference_training_on_an_original_format_base_merges_back_to_it(orig, tmp_path):
+    """train.objective=mpo on the original-format base (vision LoRA, projector in full: the reference then
+    has its own vision pass), merged back into original keys with the parity check."""
+    from internvl_lora.config import load_config
+    from internvl_lora.data.synthetic import make_preference_dataset
+    from internvl_lora.run_dir import read_metrics
+    from internvl_lora.train import train
+
+    data = make_preference_dataset(tmp_path / "pairs", n_train=8, n_heldout=2)
+    adapter = train(load_config(orig.dir / "original.yaml", TRAIN + [
+        "train.objective=mpo", f"data.meta={data / 'meta.json'}", f"train.output_dir={tmp_path / 'run'}"]))
+    logged = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert len(logged) == 4 and all("rewards/accuracy" in r for r in logged)
+    merged = tmp_path / "merged"
+    merge(adapter, merged)  # its parity check compares the merged model with the adapter model
+    assert (merged / REMOTE_CODE).exists()
+    assert not any(k.startswith(("model.", "lm_head")) for k in tensors(merged))  # original keys
