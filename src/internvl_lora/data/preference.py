@@ -16,7 +16,7 @@ import dataclasses
 import random
 from dataclasses import dataclass, field
 
-from ..errors import DataError
+from ..errors import DataError, UserError
 from ..internvl.constants import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, VIDEO_PLACEHOLDER
 from .encode import EncodeSettings, encode_media, encode_text
 from .meta import Line
@@ -25,6 +25,9 @@ from .records import Record, load_object, record_from_object
 PREFERENCE_FIELDS = ("question", "chosen", "rejected")
 MEDIA_FIELDS = ("id", "image", "video", "clip")
 OBJECTIVES = ("sft", "mpo")
+# How `data check` / `data inspect` name the objective they checked against.
+OBJECTIVE_NAMES = {"sft": "supervised conversations (train.objective=sft)",
+                   "mpo": "preference pairs (train.objective=mpo)"}
 
 
 @dataclass
@@ -148,3 +151,13 @@ def detect_objective(lines: list[Line]) -> str:
             continue
         return "mpo" if is_preference_object(obj) else "sft"
     return "sft"
+
+
+def choose_objective(given: str | None, lines: list[Line]) -> tuple[str, str]:
+    """(objective, how it was chosen) for `data check` / `data inspect`: `--objective` when given
+    (checked against OBJECTIVES), else `detect_objective`."""
+    if given is None:
+        return detect_objective(lines), "objective detected from the data (--objective sft|mpo overrides)"
+    if given not in OBJECTIVES:
+        raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {given!r}")
+    return given, "objective given by --objective"
