@@ -123,17 +123,19 @@ def data_inspect(
 
 @data_app.command("convert")
 def data_convert(
-    src: str = typer.Argument(..., help="input file (json, jsonl, ShareGPT or OpenAI messages)"),
+    src: str = typer.Argument(..., help="input file (json, jsonl, ShareGPT, OpenAI messages or preference pairs)"),
     dst: str = typer.Argument(..., help="output .jsonl file in the InternVL format"),
-    fmt: str = typer.Option("jsonl", "--from", help="json | jsonl | sharegpt | openai"),
+    fmt: str = typer.Option("jsonl", "--from", help="json | jsonl | sharegpt | openai | pairs (preference pairs of "
+                            "TRL, LLaMA-Factory or ms-swift -> question / chosen / rejected)"),
     keep_system: Optional[bool] = typer.Option(None, "--keep-system/--drop-system",
                                                help="keep a leading system turn (default: official behaviour)"),
     skip_invalid: bool = typer.Option(False, help="write unconvertible records to DST.rejected.jsonl"),
     media_root: Optional[str] = typer.Option(None, help="make media paths relative to this folder"),
     source_root: Optional[str] = typer.Option(None, help="folder relative media paths start from"),
-    images_dir: Optional[str] = typer.Option(None, help="where decoded data: URL images go (openai)"),
+    images_dir: Optional[str] = typer.Option(None, help="where decoded data: URL images go (openai, pairs)"),
 ):
-    """Convert json/jsonl (official tools) or ShareGPT / OpenAI-messages data to InternVL JSONL."""
+    """Convert json/jsonl (official tools) or ShareGPT / OpenAI-messages data to InternVL JSONL, and
+    preference pairs (--from pairs) to the official preference format."""
     from .data.convert import convert
 
     options = {k: v for k, v in dict(media_root=media_root, source_root=source_root, images_dir=images_dir).items()

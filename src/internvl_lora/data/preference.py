@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from ..errors import DataError, UserError
 from ..internvl.constants import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, VIDEO_PLACEHOLDER
+from .convert.detect import unconverted_layout
 from .encode import EncodeSettings, encode_media, encode_text
 from .meta import Line
 from .records import Record, load_object, record_from_object
@@ -68,6 +69,9 @@ def parse_preference(ln: Line) -> PreferenceRecord:
                        "record has only 'question', 'chosen' and 'rejected' (plus image / video)")
         raise fail("not_preference", "this is a supervised record ('conversations'), not a preference pair "
                    "(question / chosen / rejected): train it with train.objective=sft")
+    foreign = unconverted_layout(obj, ln.path)
+    if foreign:
+        raise fail("unconverted_layout", foreign)
     for key in PREFERENCE_FIELDS:
         if key not in obj:
             raise fail("bad_preference", f"missing field {key!r} (a preference record has 'question', 'chosen' "
