@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from internvl_lora.data.records import Line, load_meta, parse_record
+from internvl_lora.data.meta import Line, load_meta
+from internvl_lora.data.records import parse_record
 from internvl_lora.errors import DataError
 
 
