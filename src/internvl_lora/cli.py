@@ -60,6 +60,10 @@ def _settings(model: str, template: Optional[str], max_length: int, max_dynamic_
                                                      max_dynamic_patch=max_dynamic_patch, truncation=truncation)
 
 
+_OBJECTIVE_HELP = ("sft | mpo: check as supervised conversations or as preference pairs (question / chosen / "
+                   "rejected); default: detected from the first record")
+
+
 @data_app.command("check")
 def data_check(
     meta: str = typer.Argument(..., help="meta JSON file or .jsonl annotation file"),
@@ -68,18 +72,24 @@ def data_check(
     max_length: int = typer.Option(8192, help="max tokens per sample after image expansion"),
     max_dynamic_patch: Optional[int] = typer.Option(None, help="max tiles per image (default: checkpoint's)"),
     truncation: str = typer.Option("drop", help="drop | cut_text"),
+    objective: Optional[str] = typer.Option(None, "--objective", help=_OBJECTIVE_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the summary and every problem as JSON"),
 ):
     """Audit every sample: JSON, roles, answers, images, placeholder counts, lengths after tiling."""
     from .data.audit import audit, format_report
-    from .data.meta import load_meta
+    from .data.meta import iter_lines, load_meta
+    from .data.preference import OBJECTIVE_NAMES, choose_objective
 
+    specs = load_meta(meta)
+    objective, how = choose_objective(objective, iter_lines(specs))
     tokenizer, settings = _settings(model, template, max_length, max_dynamic_patch, truncation)
-    result = audit(load_meta(meta), tokenizer, settings)
+    result = audit(specs, tokenizer, settings, objective=objective)
     if as_json:
-        print(json.dumps({**result.summary(), "problems": [p.__dict__ for p in result.problems],
+        print(json.dumps({"objective": objective, **result.summary(),
+                          "problems": [p.__dict__ for p in result.problems],
                           "warnings": [w.__dict__ for w in result.warnings]}, indent=2))
     else:
+        print(f"checked as {OBJECTIVE_NAMES[objective]}; {how}")
         print(format_report(result))
     raise typer.Exit(0 if result.ok else 1)
 
@@ -92,34 +102,40 @@ def data_inspect(
     template: Optional[str] = typer.Option(None, help="override the checkpoint's template"),
     max_length: int = typer.Option(8192, help="max tokens per sample after image expansion"),
     max_dynamic_patch: Optional[int] = typer.Option(None, help="max tiles per image (default: checkpoint's)"),
+    objective: Optional[str] = typer.Option(None, "--objective", help=_OBJECTIVE_HELP),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per sample"),
     save_tiles: Optional[str] = typer.Option(None, help="write every tile as a PNG into this folder"),
     color: bool = typer.Option(True, help="highlight trained spans with colour (else [[...]])"),
 ):
-    """Show exactly what samples train on: prompt with trained spans, token count, tiles per image."""
+    """Show exactly what samples train on: prompt with trained spans, token count, tiles per image
+    (a preference pair: the shared prompt, then the chosen and the rejected answer)."""
     from .data.inspect import inspect, parse_index
     from .data.meta import load_meta, read_lines
+    from .data.preference import choose_objective
 
-    tokenizer, settings = _settings(model, template, max_length, max_dynamic_patch)
     lines = read_lines(load_meta(meta))
+    objective, _ = choose_objective(objective, lines)
+    tokenizer, settings = _settings(model, template, max_length, max_dynamic_patch)
     failed = inspect(lines, parse_index(index, len(lines)), tokenizer, settings, as_json, save_tiles,
-                     color and sys.stdout.isatty())
+                     color and sys.stdout.isatty(), objective=objective)
     raise typer.Exit(1 if failed else 0)
 
 
 @data_app.command("convert")
 def data_convert(
-    src: str = typer.Argument(..., help="input file (json, jsonl, ShareGPT or OpenAI messages)"),
+    src: str = typer.Argument(..., help="input file (json, jsonl, ShareGPT, OpenAI messages or preference pairs)"),
     dst: str = typer.Argument(..., help="output .jsonl file in the InternVL format"),
-    fmt: str = typer.Option("jsonl", "--from", help="json | jsonl | sharegpt | openai"),
+    fmt: str = typer.Option("jsonl", "--from", help="json | jsonl | sharegpt | openai | pairs (preference pairs of "
+                            "TRL, LLaMA-Factory or ms-swift -> question / chosen / rejected)"),
     keep_system: Optional[bool] = typer.Option(None, "--keep-system/--drop-system",
                                                help="keep a leading system turn (default: official behaviour)"),
     skip_invalid: bool = typer.Option(False, help="write unconvertible records to DST.rejected.jsonl"),
     media_root: Optional[str] = typer.Option(None, help="make media paths relative to this folder"),
     source_root: Optional[str] = typer.Option(None, help="folder relative media paths start from"),
-    images_dir: Optional[str] = typer.Option(None, help="where decoded data: URL images go (openai)"),
+    images_dir: Optional[str] = typer.Option(None, help="where decoded data: URL images go (openai, pairs)"),
 ):
-    """Convert json/jsonl (official tools) or ShareGPT / OpenAI-messages data to InternVL JSONL."""
+    """Convert json/jsonl (official tools) or ShareGPT / OpenAI-messages data to InternVL JSONL, and
+    preference pairs (--from pairs) to the official preference format."""
     from .data.convert import convert
 
     options = {k: v for k, v in dict(media_root=media_root, source_root=source_root, images_dir=images_dir).items()

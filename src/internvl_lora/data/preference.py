@@ -16,8 +16,9 @@ import dataclasses
 import random
 from dataclasses import dataclass, field
 
-from ..errors import DataError
+from ..errors import DataError, UserError
 from ..internvl.constants import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, VIDEO_PLACEHOLDER
+from .convert.detect import unconverted_layout
 from .encode import EncodeSettings, encode_media, encode_text
 from .meta import Line
 from .records import Record, load_object, record_from_object
@@ -25,6 +26,9 @@ from .records import Record, load_object, record_from_object
 PREFERENCE_FIELDS = ("question", "chosen", "rejected")
 MEDIA_FIELDS = ("id", "image", "video", "clip")
 OBJECTIVES = ("sft", "mpo")
+# How `data check` / `data inspect` name the objective they checked against.
+OBJECTIVE_NAMES = {"sft": "supervised conversations (train.objective=sft)",
+                   "mpo": "preference pairs (train.objective=mpo)"}
 
 
 @dataclass
@@ -65,6 +69,9 @@ def parse_preference(ln: Line) -> PreferenceRecord:
                        "record has only 'question', 'chosen' and 'rejected' (plus image / video)")
         raise fail("not_preference", "this is a supervised record ('conversations'), not a preference pair "
                    "(question / chosen / rejected): train it with train.objective=sft")
+    foreign = unconverted_layout(obj, ln.path)
+    if foreign:
+        raise fail("unconverted_layout", foreign)
     for key in PREFERENCE_FIELDS:
         if key not in obj:
             raise fail("bad_preference", f"missing field {key!r} (a preference record has 'question', 'chosen' "
@@ -148,3 +155,13 @@ def detect_objective(lines: list[Line]) -> str:
             continue
         return "mpo" if is_preference_object(obj) else "sft"
     return "sft"
+
+
+def choose_objective(given: str | None, lines: list[Line]) -> tuple[str, str]:
+    """(objective, how it was chosen) for `data check` / `data inspect`: `--objective` when given
+    (checked against OBJECTIVES), else `detect_objective`."""
+    if given is None:
+        return detect_objective(lines), "objective detected from the data (--objective sft|mpo overrides)"
+    if given not in OBJECTIVES:
+        raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {given!r}")
+    return given, "objective given by --objective"

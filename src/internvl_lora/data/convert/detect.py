@@ -1,5 +1,6 @@
 """Recognise a record written in a layout `internvl-lora data convert` understands but the InternVL format
-is not (OpenAI messages, ShareGPT role/content, ms-swift pairs, LLaVA-style "images" lists), so that
+is not (OpenAI messages, ShareGPT role/content, ms-swift pairs, LLaVA-style "images" lists, preference pairs
+of TRL / LLaMA-Factory / ms-swift), so that
 `data check` and training can say which conversion to run instead of only "no 'conversations'".
 
 Pure inspection of one parsed record; nothing here reads files or imports heavy modules.
@@ -26,6 +27,10 @@ def _command(path: str | os.PathLike | None, fmt: str) -> str:
 def unconverted_layout(obj: dict, path: str | os.PathLike | None = None) -> str | None:
     """A message naming the layout of `obj` and the command that converts the file, or None when `obj`
     does not look like another layout (a valid InternVL record always gives None)."""
+    if "question" not in obj and (obj.get("rejected_response") is not None or {"chosen", "rejected"} <= set(obj)):
+        return ("this record is a preference pair in a TRL / LLaMA-Factory / ms-swift layout, not the official "
+                "preference format ('question', 'chosen', 'rejected' strings); convert the file first: "
+                f"`{_command(path, 'pairs')}`")
     conv = obj.get("conversations")
     internvl_turns = _is_turn_list(conv, ("from", "value"))
     if isinstance(obj.get("messages"), list) and not internvl_turns:

@@ -35,6 +35,8 @@ class ConvertStats:
     images_written: int = 0  # files decoded from data: URLs (openai / sharegpt)
     # "file:line" of every record whose leading system turn was dropped (json / jsonl without --keep-system)
     system_dropped: list[str] = field(default_factory=list)
+    system_dropped_note: str = ("as the official tool does (pass --keep-system to keep it; the InternVL format "
+                                "accepts it)")
     line: int = 0  # source line of the record being converted (set by `run` for the transforms)
 
     def summary(self) -> str:
@@ -46,8 +48,8 @@ class ConvertStats:
         if self.system_dropped:
             shown = ", ".join(self.system_dropped[:_LISTED])
             more = f", ... (+{len(self.system_dropped) - _LISTED})" if len(self.system_dropped) > _LISTED else ""
-            text += (f"\ndropped the leading system turn of {len(self.system_dropped)} record(s), as the official "
-                     f"tool does (pass --keep-system to keep it; the InternVL format accepts it): {shown}{more}")
+            text += (f"\ndropped the leading system turn of {len(self.system_dropped)} record(s), "
+                     f"{self.system_dropped_note}: {shown}{more}")
         return text
 
 
