@@ -8,7 +8,7 @@
 - `HostSide` (a wrapper) adds, computed on the host, what the training step needs to know about the batch.
 - `data_collator` builds the training collator from the config's choices.
 
-Every collator says whether its batches are packed (`packed`); wrappers forward their inner collator's.
+Every collator says whether its batches are packed (`packed`); wrappers (`CollatorWrapper`) forward their inner collator's.
 """
 
 from __future__ import annotations
@@ -80,7 +80,18 @@ class PackedCollator:
         return batch
 
 
-class BlankTileCollator:
+class CollatorWrapper:
+    """A collator around another one (`inner`); says whether its batches are packed as the inner one does."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @property
+    def packed(self) -> bool:
+        return getattr(self.inner, "packed", False)
+
+
+class BlankTileCollator(CollatorWrapper):
     """Wraps a collator; adds a blank tile and a masked image-token block to batches without images.
 
     Text-only micro-batches must still run the vision tower, so every rank runs the same modules in the
@@ -95,12 +106,8 @@ class BlankTileCollator:
     """
 
     def __init__(self, inner, image_token_id: int, tokens_per_tile: int, tile_size: int):
-        self.inner, self.image_token_id = inner, image_token_id
-        self.tokens_per_tile, self.tile_size = tokens_per_tile, tile_size
-
-    @property
-    def packed(self) -> bool:
-        return getattr(self.inner, "packed", False)
+        super().__init__(inner)
+        self.image_token_id, self.tokens_per_tile, self.tile_size = image_token_id, tokens_per_tile, tile_size
 
     def __call__(self, features: list[dict]) -> dict:
         batch = self.inner(features)
@@ -127,19 +134,12 @@ class BlankTileCollator:
         return getattr(self.inner, "pad_token_id", 0)
 
 
-class PreferenceCollator:
+class PreferenceCollator(CollatorWrapper):
     """Wraps a collator for preference pairs (`dataset.PreferenceDataset`): each pair becomes two sequences,
     chosen then rejected (rows of a padded batch, segments of a packed one), in pair order. A pair's tiles
     go into `pixel_values` once; `tile_index` lists, for every image block of the batch in order, the tile
     that fills it (each pair's tiles twice), so the vision tower encodes a tile once for both answers
     (`internvl.embed.embed_with_tiles`). `pairs`: the number of pairs."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    @property
-    def packed(self) -> bool:
-        return getattr(self.inner, "packed", False)
 
     def __call__(self, features: list[dict]) -> dict:
         sequences, index, offset = [], [], 0
@@ -179,19 +179,12 @@ def trained_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
 
 
-class HostSide:
+class HostSide(CollatorWrapper):
     """Wraps a collator: adds what the training step needs to know about a micro-batch, computed on the
     host before the batch goes to the GPU -- `trained_positions` for `trained_positions_loss` and
     `batch_counts` for the step statistics. Read from the GPU instead, each would stop the host until
     the GPU has caught up with everything queued (a synchronization), every micro-batch, leaving the GPU
     idle while the host prepares the next work. Both keys are removed before the model is called."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    @property
-    def packed(self) -> bool:
-        return getattr(self.inner, "packed", False)
 
     def __call__(self, features: list[dict]) -> dict:
         failed = next((f[LOAD_ERROR] for f in features if LOAD_ERROR in f), None)
