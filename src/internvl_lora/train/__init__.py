@@ -98,9 +98,17 @@ def split_heldout(ds: SupervisedDataset, fraction: float, seed: int) -> tuple[Su
 
 def train(cfg: RunConfig) -> Path:
     """Train as `cfg` says; returns the final adapter folder. Torch's process-wide switches that the speed
-    options change are restored when it returns or fails."""
-    with backend_switches_restored():
-        return _train(cfg)
+    options change are restored when it returns or fails, and a process group that training started
+    (under torchrun) is closed once every rank is done."""
+    started_here = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    try:
+        with backend_switches_restored():
+            return _train(cfg)
+    finally:
+        if started_here and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Left open, its threads meet the interpreter's shutdown: gloo then aborts a rank at exit
+            # ("terminate called without an active exception") and torchrun reports the run as failed.
+            torch.distributed.destroy_process_group()
 
 
 def _train(cfg: RunConfig) -> Path:
