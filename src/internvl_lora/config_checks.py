@@ -35,9 +35,6 @@ def _validate_objective(cfg: RunConfig) -> list[str]:
     if pol.init in ("pissa", "olora"):
         p.append(f"train.objective=mpo does not work with policy.init={pol.init}: it changes the base weights, so the "
                  "model with its adapters disabled is not the reference model; use policy.init=default or gaussian")
-    if t.fsdp or (t.deepspeed and _zero_stage(t.deepspeed) == 3):
-        p.append("train.objective=mpo is not supported under FSDP or DeepSpeed ZeRO-3 yet (the shared-tile forward calls "
-                 "the vision tower outside the wrapped model's forward); use DDP or ZeRO-1/2")
     if t.loss_reduction != "token":
         p.append("train.loss_reduction applies to the SFT objective; MPO's SFT term is the token mean of each chosen "
                  "answer, as the official recipe (leave train.loss_reduction=token)")

@@ -228,6 +228,73 @@ def test_gradient_of_the_shared_tiles_is_the_sum_of_both_uses(pref):
     assert torch.allclose(g1, g2, atol=1e-6)
 
 
+@pytest.mark.parametrize("packing,vision", [(False, "frozen"), (True, "frozen"), (True, "lora")])
+def test_sharded_path_through_the_models_own_forward_equals_the_shared_tile_path(pref, packing, vision):
+    """FSDP / ZeRO-3 gather a module's weights only inside the wrapped model's forward: there the collator
+    expands each answer's tiles (blank tile for text-only batches) and the model embeds them itself. Loss,
+    per-pair terms and every trained gradient equal the shared-tile path's; the vision tower then sees each
+    tile twice per forward (policy and reference), as in the official trainer."""
+    from internvl_lora.data.collate import HostSide, data_collator
+    from internvl_lora.internvl.embed import internvl_model
+    from internvl_lora.train.preference import PreferenceObjective
+
+    d, tok, s, ds, model = pref
+    if vision == "lora":  # a trained vision part: the reference runs its own vision pass in both paths
+        from internvl_lora.config import load_config
+        from internvl_lora.internvl.checkpoint import load_model
+        from internvl_lora.lora.policy import apply_policy
+
+        torch.manual_seed(0)
+        cfg = load_config(d / "train.yaml", ["policy.dropout=0.0", "policy.vision=lora"])
+        model = apply_policy(load_model(d / "model", dtype=torch.float32), cfg.policy, "qwen2")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+    items = [ds[i] for i in range(4)]
+    tiles = sum(it["pixel_values"].shape[0] for it in items if "pixel_values" in it)
+    text_only = [{k: v for k, v in items[0].items() if k != "pixel_values"}]
+    img = model.config.image_token_id
+    for k in ("chosen_input_ids", "rejected_input_ids"):  # its image tokens become ordinary text tokens
+        text_only[0][k] = torch.where(text_only[0][k] == img, tok.convert_tokens_to_ids("A"), text_only[0][k])
+    trained = [p for p in model.parameters() if p.requires_grad]
+    seen = []
+    hook = internvl_model(model).model.vision_tower.register_forward_hook(
+        lambda mod, args, kwargs, out: seen.append(kwargs.get("pixel_values", args[0] if args else None).shape[0]),
+        with_kwargs=True)
+    model.train()
+    try:
+        for batch_items, per_forward in ((items, 2 * tiles), (text_only, 1)):  # text-only: one blank tile
+            results = []
+            for sharded in (False, True):
+                batch = HostSide(data_collator(tok, s, True, packing, preference=True, sharded=sharded))(batch_items)
+                assert ("tile_index" in batch) != sharded
+                obj = PreferenceObjective(model, 0.1, 0.8, 0.2, 1.0, dummy_vision=True, shared_tiles=not sharded)
+                for p in trained:
+                    p.grad = None
+                seen.clear()
+                loss = obj(model, batch)
+                loss.backward()
+                if sharded:
+                    assert seen == [per_forward] * 2, seen
+                elif batch_items is items:  # shared: once, and again for the reference if the vision part trains
+                    assert seen == [tiles] * (2 if vision == "lora" else 1), seen
+                results.append((float(loss.detach()), obj.pop_metrics("train"), [p.grad.clone() for p in trained]))
+            (l1, m1, g1), (l2, m2, g2) = results
+            assert l1 == pytest.approx(l2, rel=1e-5)
+            assert m1.keys() == m2.keys() and all(m1[k] == pytest.approx(m2[k], rel=1e-4, abs=1e-6) for k in m1)
+            assert max(float((a - b).abs().max()) for a, b in zip(g1, g2)) < 1e-5
+            assert any(float(g.abs().max()) > 0 for g in g1)
+            if vision == "lora" and batch_items is items:  # (the blank tile's gradient is zero)
+                names = [n for n, p in model.named_parameters() if p.requires_grad]
+                assert any(float(g.abs().max()) > 0 for n, g in zip(names, g1) if "vision_tower" in n)
+    finally:
+        hook.remove()
+        model.eval()
+        for p in trained:
+            p.grad = None
+
+
 def internvl_model_embeds(model, ids):
     from internvl_lora.internvl.embed import internvl_model
 

@@ -131,7 +131,10 @@ class BlankTileCollator(CollatorWrapper):
         return batch
 
     def inner_pad_id(self, batch) -> int:
-        return getattr(self.inner, "pad_token_id", 0)
+        inner = self.inner
+        while not hasattr(inner, "pad_token_id") and isinstance(inner, CollatorWrapper):
+            inner = inner.inner
+        return getattr(inner, "pad_token_id", 0)
 
 
 class PreferenceCollator(CollatorWrapper):
@@ -139,7 +142,16 @@ class PreferenceCollator(CollatorWrapper):
     chosen then rejected (rows of a padded batch, segments of a packed one), in pair order. A pair's tiles
     go into `pixel_values` once; `tile_index` lists, for every image block of the batch in order, the tile
     that fills it (each pair's tiles twice), so the vision tower encodes a tile once for both answers
-    (`internvl.embed.embed_with_tiles`). `pairs`: the number of pairs."""
+    (`internvl.embed.embed_with_tiles`). `pairs`: the number of pairs.
+
+    With `expand_tiles` (sharded weights: FSDP, ZeRO-3), `pixel_values` instead holds every image block's
+    tile in order (each pair's tiles twice, as the official trainer feeds them) and there is no
+    `tile_index`: the model's own forward then embeds the images, inside the sharded module's forward,
+    where its weights are gathered."""
+
+    def __init__(self, inner, expand_tiles: bool = False):
+        super().__init__(inner)
+        self.expand_tiles = expand_tiles
 
     def __call__(self, features: list[dict]) -> dict:
         sequences, index, offset = [], [], 0
@@ -154,7 +166,11 @@ class PreferenceCollator(CollatorWrapper):
             index += own + own
             offset += tiles
         batch = self.inner(sequences)
-        batch["tile_index"] = torch.tensor(index, dtype=torch.long)
+        if self.expand_tiles:
+            if "pixel_values" in batch:
+                batch["pixel_values"] = batch["pixel_values"][torch.tensor(index, dtype=torch.long)]
+        else:
+            batch["tile_index"] = torch.tensor(index, dtype=torch.long)
         batch["pairs"] = len(features)
         return batch
 
@@ -197,15 +213,19 @@ class HostSide(CollatorWrapper):
         return batch
 
 
-def data_collator(tokenizer, settings, dummy_vision: bool, packing: bool = False, preference: bool = False):
+def data_collator(tokenizer, settings, dummy_vision: bool, packing: bool = False, preference: bool = False,
+                  sharded: bool = False):
     """Right-padding (or, with `packing`, packed) collator for the tokenizer and encode `settings`; with
     `dummy_vision`, a batch without images gets one blank tile and a masked, label-free block of image
     tokens after its last token (`BlankTileCollator`), like the official white dummy tile: the loss is
     unchanged, and every rank runs embed -> vision -> LLM in the same order (so ZeRO-3 / FSDP gathers
-    match across ranks and a trainable vision part always gets a gradient)."""
+    match across ranks and a trainable vision part always gets a gradient). `preference`: pairs
+    (`PreferenceCollator`; `sharded`: tiles expanded for the model's own forward)."""
     collator = PackedCollator() if packing else PadCollator(tokenizer.pad_token_id)
-    if preference:  # the blank tile of text-only batches is added in the forward (`internvl.embed`)
-        return PreferenceCollator(collator)
+    if preference:
+        collator = PreferenceCollator(collator, expand_tiles=sharded)
+        if not sharded:  # the blank tile of text-only batches is added in the forward (`internvl.embed`)
+            return collator
     if not dummy_vision:
         return collator
     from ..internvl.constants import IMG_CONTEXT_TOKEN

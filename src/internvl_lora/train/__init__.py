@@ -210,7 +210,8 @@ def _train(cfg: RunConfig) -> Path:
     preference = None
     if t.objective == "mpo":
         p = cfg.preference
-        preference = PreferenceObjective(model, p.beta, p.sigmoid_weight, p.bco_pair_weight, p.sft_weight, dummy)
+        preference = PreferenceObjective(model, p.beta, p.sigmoid_weight, p.bco_pair_weight, p.sft_weight, dummy,
+                                         shared_tiles=not sharded)
         pref_state = PreferenceState(preference.running)
         callbacks.append(pref_state)
         if resume and not pref_state.restore(resume):
@@ -218,7 +219,8 @@ def _train(cfg: RunConfig) -> Path:
                             "MPO run; start a new run (train.overwrite=true) instead of resuming")
     trainer = InternVLTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        data_collator=data_collator(tokenizer, settings, dummy, cfg.data.packing, preference=preference is not None),
+        data_collator=data_collator(tokenizer, settings, dummy, cfg.data.packing, preference=preference is not None,
+                                    sharded=sharded),
         callbacks=callbacks, stats=stats, lengths=train_ds.lengths, fast_loss=cfg.data.packing,
         loss_reduction=t.loss_reduction, token_budget=cfg.data.max_tokens_per_batch, preference=preference,
         measure=log.measure,

@@ -121,18 +121,23 @@ class PreferenceState(TrainerCallback, ExportableState):
         return True
 
 
-def sequence_logps(model, embeds: torch.Tensor, inputs: dict, labels: torch.Tensor, keep=None):
+def sequence_logps(model, embeds: torch.Tensor | None, inputs: dict, labels: torch.Tensor, keep=None):
     """Sum of log-probabilities of the trained tokens of each sequence and their number.
 
     Sequences are the rows of a padded batch, or the segments (`cu_seq_lens_q`) of a packed row. Logits
-    are formed only at positions whose next token is trained (`logits_to_keep`)."""
+    are formed only at positions whose next token is trained (`logits_to_keep`). `embeds` None: the
+    model embeds `input_ids` and `pixel_values` itself."""
     if keep is None:
         keep = trained_positions(labels)
     keep = keep.to(labels.device)
     shifted = torch.full_like(labels, IGNORE_INDEX)
     shifted[:, :-1] = labels[:, 1:]
     model_inputs = {k: v for k, v in inputs.items() if k in _MODEL_KEYS}
-    logits = model(inputs_embeds=embeds, use_cache=False, logits_to_keep=keep, **model_inputs).logits
+    if embeds is None:
+        model_inputs.update(input_ids=inputs["input_ids"], pixel_values=inputs.get("pixel_values"))
+    else:
+        model_inputs["inputs_embeds"] = embeds
+    logits = model(use_cache=False, logits_to_keep=keep, **model_inputs).logits
     target = shifted[:, keep]  # (rows, kept)
     valid = target != IGNORE_INDEX
     logits = logits.float()
@@ -167,12 +172,18 @@ def adapters_disabled(model):
 
 class PreferenceObjective:
     """Computes the MPO loss of a micro-batch of pairs (`collate.PreferenceCollator`) and keeps the
-    metrics of the logging interval (`pop_metrics`)."""
+    metrics of the logging interval (`pop_metrics`).
+
+    `shared_tiles` (the default): a pair's tiles are encoded once for both answers (`embed_with_tiles`),
+    outside the model's forward. Off under sharded weights (FSDP, ZeRO-3), where a module's weights are
+    gathered only inside the wrapped model's forward: the batch then carries each answer's tiles
+    (`PreferenceCollator(expand_tiles=True)`, blank tile included) and the model's own forward embeds
+    them -- each tile encoded twice per forward, as in the official trainer."""
 
     def __init__(self, model, beta: float, sigmoid_weight: float, bco_pair_weight: float, sft_weight: float,
-                 dummy_vision: bool = False):
+                 dummy_vision: bool = False, shared_tiles: bool = True):
         self.beta, self.weights = beta, (sigmoid_weight, bco_pair_weight, sft_weight)
-        self.dummy_vision = dummy_vision
+        self.dummy_vision, self.shared_tiles = dummy_vision, shared_tiles
         self.running = RunningMean()
         self.separate_reference_vision = vision_is_trained(model)
         self._sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
@@ -180,6 +191,9 @@ class PreferenceObjective:
 
     def _reference_logps(self, model, inputs, labels, keep, features):
         with torch.no_grad():
+            if not self.shared_tiles:
+                with adapters_disabled(model):
+                    return sequence_logps(model, None, inputs, labels, keep)
             if self.separate_reference_vision:  # a trained vision part: the reference has its own features
                 with adapters_disabled(model):
                     embeds, _ = embed_with_tiles(model, inputs["input_ids"], inputs.get("pixel_values"),
@@ -195,11 +209,15 @@ class PreferenceObjective:
         own pairs when None). Sequences alternate chosen, rejected (the collator's order)."""
         labels, keep = inputs["labels"], inputs.get("trained_positions")
         training = model.training
-        embeds, features = embed_with_tiles(model, inputs["input_ids"], inputs.get("pixel_values"),
-                                            inputs.get("tile_index"), self.dummy_vision)
+        embeds = features = None
+        if self.shared_tiles:
+            embeds, features = embed_with_tiles(model, inputs["input_ids"], inputs.get("pixel_values"),
+                                                inputs.get("tile_index"), self.dummy_vision)
         rc_rr, _ = self._reference_logps(model, inputs, labels, keep,
                                          None if features is None else features.detach())
         logps, counts = sequence_logps(model, embeds, inputs, labels, keep)
+        n = 2 * int(inputs.get("pairs", len(logps) // 2))  # a packed blank-tile block is a segment of its own
+        logps, counts, rc_rr = logps[:n], counts[:n], rc_rr[:n]
         pc, pr, rc, rr = logps[0::2], logps[1::2], rc_rr[0::2], rc_rr[1::2]
         rewards = torch.cat([self.beta * (pc - rc), self.beta * (pr - rr)]).detach()
         # Training: delta includes this micro-batch (the official update-then-use); evaluation reads it only.
