@@ -190,7 +190,8 @@ def timed_trainer(phases: Phases, timer):
 def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropout=0.05, fused=True, compile=False,
         budget=0, profile=False, chunked=True, phases=False, accum=1, timeline=0, sync_debug=False, max_grad_norm=1.0,
         cudnn_sdpa=False, lora_kernels=True, fused_mlp=True, items=None):
-    """ckpt: share of the LLM decoder layers recomputed (0 = no activation checkpointing, 1 = all).
+    """ckpt: share of the LLM decoder layers recomputed (0 = no activation checkpointing, 1 = all, "auto" =
+    planned from the free memory as train.checkpoint_layers=auto).
     items: (ids, labels, tiles) samples to train on instead of the synthetic draws (with a token budget;
     ids in the model's vocabulary, IMG_TOKEN for image tokens): bench/e2e_bench.py's real samples."""
     torch.manual_seed(0)
@@ -208,7 +209,7 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
     model.config.text_config.use_cache = False
     # The training command's own setup (train.speed.speed_options); the fused paths one by one (fused_paths),
     # where the run config has one switch (train.fused) for all of them.
-    t = TrainArgs(liger=liger, fused=False, checkpoint_layers=ckpt or 1.0)
+    t = TrainArgs(liger=liger, fused=False, checkpoint_layers=ckpt or 1.0)  # ckpt: a share or "auto"
     done = speed_options(model, t, before_adapters=True)
     model = apply_policy(model, PolicyArgs(dropout=dropout), "qwen2")
     done += speed_options(model, t, before_adapters=False)
@@ -238,7 +239,7 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
     # the recipe uses; only what a benchmark needs differs (fixed step count, no saving or reporting).
     run_cfg = RunConfig(data=DataArgs(num_workers=2 if cuda else 0), train=dataclasses.replace(
         t, per_device_batch_size=bs, grad_accum=accum, lr=4e-5, max_steps=total_steps, seed=0,
-        gradient_checkpointing=ckpt > 0, max_grad_norm=max_grad_norm, logging_steps=10, report_to=[]))
+        gradient_checkpointing=ckpt == "auto" or ckpt > 0, max_grad_norm=max_grad_norm, logging_steps=10, report_to=[]))
     args = training_arguments(run_cfg, Path(out_dir), torch.bfloat16 if cuda else torch.float32, has_eval=False)
     args.train_sampling_strategy = "sequential"  # the timed samples are known in order (token budgets: ours)
     args.save_strategy = SaveStrategy.NO  # the Trainer would otherwise save at the last step, inside the timing
@@ -261,8 +262,10 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
                               stats=stats, lengths=lengths, fast_loss=mode in ("packed", "padded-fast"),
                               token_budget=budget)
     trainer.remove_callback(PrinterCallback)  # as the training command: the log line prints instead
-    if ckpt and ckpt < 1:
-        trainer.add_callback(_CheckpointShare(model, ckpt))
+    share = None
+    if ckpt == "auto" or 0 < ckpt < 1:
+        share = _CheckpointShare(model, ckpt, budget or bs * max(lengths))
+        trainer.add_callback(share)
     trainer.train()
     if cuda:
         torch.cuda.synchronize()
@@ -274,6 +277,9 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
     real = sum(len(i) for g in timed for i, _, _ in g)
     flops = sum(model_flops(cfg, g) for g in timed)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    if share is not None and share.plan is not None:
+        extra["checkpointed_layers"] = share.plan.checkpointed
+        extra["planned_activation_gib"] = round(share.plan.estimate / 2**30, 1)
     return dict(size=size, mode=mode, bs=bs, token_budget=budget, grad_ckpt=ckpt, liger=liger, fused_lora=fused,
                 compile=compile, chunked_loss=chunked, grad_accum=accum, lora_dropout=dropout, max_grad_norm=max_grad_norm, steps=len(timed), options=done,
                 real_tokens_per_s=round(real / dt), samples_per_s=round(sum(len(g) for g in timed) / dt, 2),
@@ -317,7 +323,7 @@ if __name__ == "__main__":
     ap.add_argument("--bs", type=int, default=4)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--max-tiles", type=int, default=6)
-    ap.add_argument("--ckpt", default="1", help="comma list: share of LLM layers recomputed (0 off, 1 all, 0.5 half)")
+    ap.add_argument("--ckpt", default="1", help="comma list: share of LLM layers recomputed (0 off, 1 all, 0.5 half, auto: train.checkpoint_layers=auto)")
     ap.add_argument("--liger", default="0", help="comma list of 0/1")
     ap.add_argument("--fused", default="1", help="comma list of 0/1: fused LoRA layers (part of train.fused)")
     ap.add_argument("--chunked", default="1", help="comma list of 0/1: chunked loss (part of train.fused)")
@@ -342,7 +348,7 @@ if __name__ == "__main__":
         tuned = json.loads(a.kernel_config)  # the last line of lora_layer_bench.py --sweep
         kernels.G = tuned.get("G", kernels.G)
         kernels.CONFIG.update(tuned.get("config", {}))
-    grid = [(s, m, float(c), int(lg), int(f), int(cp), int(b), int(ch)) for s in a.sizes.split(",")
+    grid = [(s, m, c if c == "auto" else float(c), int(lg), int(f), int(cp), int(b), int(ch)) for s in a.sizes.split(",")
             for m in a.modes.split(",") for c in a.ckpt.split(",") for lg in a.liger.split(",")
             for f in a.fused.split(",") for cp in a.compile.split(",") for b in a.budget.split(",")
             for ch in a.chunked.split(",")]

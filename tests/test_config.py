@@ -96,7 +96,8 @@ def test_fsdp_config_is_passed_to_the_trainer(tmp_path):
 
     cfg = load_config(CONFIGS / "fsdp.yaml", check=False)
     assert cfg.train.fsdp and isinstance(cfg.train.fsdp_config, dict)
-    assert cfg.train.fsdp_config["version"] == 2 and not cfg.train.gradient_checkpointing
+    assert cfg.train.fsdp_config["version"] == 2 and cfg.train.gradient_checkpointing
+    assert cfg.train.fsdp_config["activation_checkpointing"] is False  # PEFT would save empty adapters
     assert cfg.train.deepspeed is None
     # a JSON path works as well as an inline mapping
     path = tmp_path / "fsdp.json"
@@ -154,11 +155,14 @@ def test_overrides_and_yaml_scalars(tmp_path):
     (["policy.init=loftq"], "policy.init must be one of"),
     (["train.dummy_vision=sometimes"], "train.dummy_vision must be one of"),
     (["train.fsdp=true", "train.deepspeed=zero1.json"], "exclusive"),
+    (["train.fsdp=true", "train.fsdp_config={version: 2, activation_checkpointing: true}"],
+     "activation_checkpointing: true cannot be used with LoRA"),
     (["policy.projector=lora"], "policy.projector must be one of frozen, full"),
     (["data.max_tokens_per_batch=-1"], "data.max_tokens_per_batch must be >= 0"),
     (["data.max_tokens_per_batch=4096", "data.max_length=8192"],
      "data.max_tokens_per_batch (4096) must be >= data.max_length (8192)"),
-    (["train.checkpoint_layers=1.5"], "train.checkpoint_layers must be in [0, 1]"),
+    (["train.checkpoint_layers=1.5"], "train.checkpoint_layers must be auto or a number in [0, 1]"),
+    (["train.checkpoint_layers=most"], "train.checkpoint_layers must be auto or a number in [0, 1], got 'most'"),
     (["train.loss_reduction=mean"], "train.loss_reduction must be one of token, sample, square"),
     (["train.compile=true"], "train.compile was removed"),
     (["train.objective=dpo"], "train.objective must be sft or mpo"),

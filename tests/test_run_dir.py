@@ -118,3 +118,19 @@ def test_legacy_compile_true_is_a_clear_error(demo, tmp_path):
     with pytest.raises(UserError) as e:
         load_config(_legacy_run_folder(demo, tmp_path / "run", compile=True))
     assert "train.compile was removed" in str(e.value) and "config.yaml" in str(e.value)
+
+
+def test_an_adapter_saved_without_weights_stops_the_run(tmp_path):
+    """What PEFT wrote under FSDP's activation-checkpoint wrapper: a valid file with no tensor. The run
+    stops there instead of handing over an adapter that changes nothing."""
+    import pytest
+    import torch
+    from safetensors.torch import save_file
+
+    from internvl_lora.run_dir import _check_adapter_holds_weights
+
+    save_file({}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(RuntimeError, match="holds no weights"):
+        _check_adapter_holds_weights(tmp_path)
+    save_file({"base_model.model.x.lora_A.weight": torch.zeros(2, 2)}, str(tmp_path / "adapter_model.safetensors"))
+    _check_adapter_holds_weights(tmp_path)  # weights: fine

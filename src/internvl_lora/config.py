@@ -86,7 +86,7 @@ class TrainArgs:
     max_steps: int = -1  # > 0 overrides epochs
     max_grad_norm: float = 1.0  # gradient clipping
     gradient_checkpointing: bool = True  # activation checkpointing (non-reentrant) in the LLM and the vision tower
-    checkpoint_layers: float = 1.0  # with gradient_checkpointing: share of the LLM's decoder layers recomputed (evenly spread; 1 all, 0.5 every other)
+    checkpoint_layers: float | str = "auto"  # with gradient_checkpointing: share of the LLM's decoder layers recomputed (evenly spread; 1 all, 0.5 every other) | auto: as few as the GPU's free memory allows for the longest micro-batch (all off a GPU)
     fused: bool = True  # the fused training paths: LoRA layers as one autograd node (dropout in Triton kernels on a GPU), SwiGLU MLPs keeping gate and up, the loss's logits in chunks (same numbers, less memory; not under ZeRO-3 / FSDP); false: PEFT's own path, for comparison
     liger: bool = False  # Liger kernels (RMSNorm, SwiGLU, RoPE) in the LLM; needs liger-kernel and a GPU
     loss_reduction: str = "token"  # token: token mean over the global batch | sample: 1/n per sample's n trained tokens | square: 1/sqrt(n) (official)

@@ -3,7 +3,6 @@ message per problem, all of them at once), and the files they need with `check_p
 
 from __future__ import annotations
 
-import json
 import typing
 from pathlib import Path
 
@@ -41,11 +40,18 @@ def _validate_objective(cfg: RunConfig) -> list[str]:
     return p
 
 
-def _zero_stage(path: str) -> int:
+def _fsdp_settings(fsdp_config) -> dict:
+    """train.fsdp_config as a mapping (read from its JSON / YAML file); {} when unreadable (reported where
+    it is loaded)."""
+    if isinstance(fsdp_config, dict):
+        return fsdp_config
     try:
-        return int(json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0))
-    except (OSError, ValueError, AttributeError, TypeError):
-        return 0  # an unreadable DeepSpeed config is reported where it is loaded
+        import yaml
+
+        loaded = yaml.safe_load(Path(fsdp_config).read_text())  # JSON is YAML
+    except (OSError, ValueError, TypeError, yaml.YAMLError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
 
 
 def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
@@ -123,8 +129,8 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
         p.append("train.eval_batch_size must be >= 1")
     if t.watchdog_grad_norm <= 0:
         p.append("train.watchdog_grad_norm must be > 0")
-    if not 0 <= t.checkpoint_layers <= 1:
-        p.append(f"train.checkpoint_layers must be in [0, 1], got {t.checkpoint_layers}")
+    if t.checkpoint_layers != "auto" and (isinstance(t.checkpoint_layers, str) or not 0 <= t.checkpoint_layers <= 1):
+        p.append(f"train.checkpoint_layers must be auto or a number in [0, 1], got {t.checkpoint_layers!r}")
     if t.liger and check_paths:  # the environment, like the input files
         import importlib.util
 
@@ -142,6 +148,11 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
         p.append("train.fsdp_config is set but train.fsdp is false")
     if isinstance(t.fsdp_config, str) and check_paths and not Path(t.fsdp_config).exists():
         p.append(f"train.fsdp_config {t.fsdp_config} does not exist")
+    if t.fsdp and t.fsdp_config is not None and _fsdp_settings(t.fsdp_config).get("activation_checkpointing"):
+        # accelerate's checkpoint wrapper renames the layers, and PEFT then finds none of the adapter's weights
+        # in the gathered state dict: the saved adapters were empty (seen on an H100 with FSDP2).
+        p.append("train.fsdp_config: activation_checkpointing: true cannot be used with LoRA (PEFT then saves empty "
+                 "adapters); set it to false and use train.gradient_checkpointing=true, which recomputes the same layers")
     if (t.generate_steps or t.eval_steps) and not (cfg.data.eval_meta or cfg.data.eval_fraction):
         p.append("train.eval_steps / train.generate_steps need held-out data: set data.eval_meta or data.eval_fraction")
     if cfg.data.max_length < 16:

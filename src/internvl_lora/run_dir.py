@@ -386,6 +386,7 @@ def save_final(trainer, out: Path, init_dir: Path | None) -> Path:
         else:
             trainer.save_model(str(tmp))
         if is_main():
+            _check_adapter_holds_weights(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -401,3 +402,17 @@ def save_final(trainer, out: Path, init_dir: Path | None) -> Path:
             + (f"The last checkpoint {last} is intact: free disk space and run the same command with "
                "train.resume=true to write the adapter from it" if last else "No checkpoint was kept")) from None
     return final
+
+
+def _check_adapter_holds_weights(folder: Path) -> None:
+    """A saved adapter without a tensor is a bug of the saving path (it happened with PEFT under FSDP's
+    activation-checkpoint wrapper): stop instead of leaving an adapter that silently changes nothing."""
+    path = folder / "adapter_model.safetensors"
+    if not path.exists():
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        if not list(f.keys()):
+            raise RuntimeError(f"the adapter saved to {path} holds no weights: the trained adapter weights were not "
+                               "found in the model's state dict (a wrapper renamed the layers?)")

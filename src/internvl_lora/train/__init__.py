@@ -96,18 +96,38 @@ def split_heldout(ds: SupervisedDataset, fraction: float, seed: int) -> tuple[Su
     return train_ds, eval_ds
 
 
+def longest_micro_batch(cfg: RunConfig, lengths: list[int]) -> int:
+    """Tokens of the run's largest micro-batch: the token budget, or the batch of its longest sample
+    (padded batches are that wide; packed ones at most that long; a preference pair's length counts both
+    answers)."""
+    if cfg.data.max_tokens_per_batch:
+        return cfg.data.max_tokens_per_batch
+    longest = max(lengths, default=0)
+    return cfg.train.per_device_batch_size * longest
+
+
 def train(cfg: RunConfig) -> Path:
     """Train as `cfg` says; returns the final adapter folder. Torch's process-wide switches that the speed
     options change are restored when it returns or fails, and a process group that training started
     (under torchrun) is closed once every rank is done."""
     started_here = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    done = False
     try:
         with backend_switches_restored():
-            return _train(cfg)
+            adapter = _train(cfg)
+        done = True
+        return adapter
     finally:
         if started_here and torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Left open, its threads meet the interpreter's shutdown: gloo then aborts a rank at exit
-            # ("terminate called without an active exception") and torchrun reports the run as failed.
+            # Left to the interpreter's shutdown, the process group's threads can outlive what they use: gloo
+            # then aborts a rank at exit ("terminate called without an active exception") and torchrun reports
+            # the run as failed. So: free the Trainer's reference cycles (they hold the DDP module, which holds
+            # the group), let every rank finish its writes, then close the group.
+            import gc
+
+            gc.collect()
+            if done:
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 
@@ -225,8 +245,8 @@ def _train(cfg: RunConfig) -> Path:
         loss_reduction=t.loss_reduction, token_budget=cfg.data.max_tokens_per_batch, preference=preference,
         measure=log.measure,
     )
-    if t.gradient_checkpointing and t.checkpoint_layers < 1:
-        trainer.add_callback(_CheckpointShare(model, t.checkpoint_layers))
+    if t.gradient_checkpointing and t.checkpoint_layers != 1 and not sharded:
+        trainer.add_callback(_CheckpointShare(model, t.checkpoint_layers, longest_micro_batch(cfg, train_ds.lengths)))
     trainer.remove_callback(PrinterCallback)  # the LogLine prints instead of raw dicts
     if t.fsdp and not trainer.is_fsdp_enabled:
         print0("warning: train.fsdp is set, but accelerate enables FSDP on GPUs only: this run uses DDP")

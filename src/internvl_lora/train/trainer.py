@@ -49,18 +49,39 @@ class GroupedSampler(Sampler):
 
 
 class _CheckpointShare(TrainerCallback):
-    """`train.checkpoint_layers` < 1: after the Trainer turned checkpointing on, keep it on a share of the
-    LLM's decoder layers only (the others keep their activations: faster, more memory)."""
+    """`train.checkpoint_layers` < 1 or `auto`: after the Trainer turned checkpointing on, keep it on a share
+    of the LLM's decoder layers only (the others keep their activations: faster, more memory). `auto`:
+    the share planned from the GPU's free memory for micro-batches of up to `tokens` tokens
+    (`memory.plan_for_model`); every layer off a GPU."""
 
-    def __init__(self, model, share: float):
-        self.model, self.share = model, share
+    def __init__(self, model, share: float | str, tokens: int = 0):
+        self.model, self.share, self.tokens = model, share, tokens
+        self.plan = None
 
     def on_train_begin(self, args, state, control, **kw):
-        if args.activation_checkpointing and self.share < 1:
-            layers = decoder_layers(self.model)
-            chosen = checkpoint_some_layers(layers, self.share)
-            print0(f"activation checkpointing on {len(chosen)} of {len(layers)} LLM decoder layers "
-                   f"(train.checkpoint_layers={self.share})")
+        if not args.activation_checkpointing:
+            return
+        layers = decoder_layers(self.model)
+        share = self.share
+        if share == "auto":
+            from .memory import plan_for_model
+
+            trainable = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            self.plan = plan_for_model(base.get_decoder(), self.tokens, trainable) if self.tokens else None
+            if self.plan is None:
+                return  # not on a GPU: every layer stays recomputed
+            share = self.plan.share
+            print0(self.plan.describe())
+            if not self.plan.fits:
+                print0(f"warning: even with every layer recomputed, micro-batches of {self.tokens:,} tokens may not "
+                       "fit this GPU's free memory; if it runs out, lower data.max_length or "
+                       "data.max_tokens_per_batch, or use more GPUs with train.fsdp / DeepSpeed ZeRO-3")
+        if share < 1:
+            chosen = checkpoint_some_layers(layers, share)
+            if self.share != "auto":
+                print0(f"activation checkpointing on {len(chosen)} of {len(layers)} LLM decoder layers "
+                       f"(train.checkpoint_layers={self.share})")
 
 
 class _SamplerEpoch(TrainerCallback):
