@@ -64,8 +64,8 @@ def test_auto_recomputes_every_layer_off_a_gpu(demo_folder, tmp_path):
 def test_measured_bytes_per_token_predict_the_stack_of_layers():
     """On a GPU: the per-token bytes of one layer, measured by the probe, times the layers and tokens,
     bound what a forward with gradients through the whole decoder stack keeps, from above and within
-    25 % (H100: 13 % above, 62.6 KiB per token and layer against 55.4 -- what one layer alone keeps
-    that a stack shares: its output is the next layer's saved input)."""
+    25 % (H100: 13 % above, 62.6 KiB per token and layer against 55.4; the planner may recompute more
+    layers than needed, never fewer)."""
     from transformers import Qwen2Config, Qwen2Model
 
     from internvl_lora.train.memory import layer_bytes_per_token

@@ -126,10 +126,15 @@ def apply_liger(language_model) -> str:
     return model_type
 
 
+def language_decoder(model):
+    """The model's language model decoder (through a PEFT wrapper)."""
+    base = model.get_base_model() if is_peft(model) else model
+    return base.get_decoder()
+
+
 def decoder_layers(model):
     """The decoder layers of the model's language model (through a PEFT wrapper)."""
-    base = model.get_base_model() if is_peft(model) else model
-    return base.get_decoder().layers
+    return language_decoder(model).layers
 
 
 def _lora_kernels_available() -> bool:

@@ -22,7 +22,7 @@ from ..errors import CheckpointSaveError
 from ..run_dir import is_complete_checkpoint, last_complete_checkpoint, write_failure
 from .callbacks import StepStats
 from .loss import loss_weights, trained_positions_loss
-from .speed import checkpoint_some_layers, decoder_layers
+from .speed import checkpoint_some_layers, decoder_layers, language_decoder
 
 
 class GroupedSampler(Sampler):
@@ -67,8 +67,7 @@ class _CheckpointShare(TrainerCallback):
             from .memory import plan_for_model
 
             trainable = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
-            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-            self.plan = plan_for_model(base.get_decoder(), self.tokens, trainable) if self.tokens else None
+            self.plan = plan_for_model(language_decoder(self.model), self.tokens, trainable) if self.tokens else None
             if self.plan is None:
                 return  # not on a GPU: every layer stays recomputed
             share = self.plan.share
