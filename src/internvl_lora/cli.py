@@ -76,14 +76,14 @@ def data_check(
     as_json: bool = typer.Option(False, "--json", help="print the summary and every problem as JSON"),
 ):
     """Audit every sample: JSON, roles, answers, images, placeholder counts, lengths after tiling."""
-    from .data.audit import audit, format_report
+    from .data.audit import audit, audit_workers, format_report
     from .data.meta import iter_lines, load_meta
     from .data.preference import OBJECTIVE_NAMES, choose_objective
 
     specs = load_meta(meta)
     objective, how = choose_objective(objective, iter_lines(specs))
     tokenizer, settings = _settings(model, template, max_length, max_dynamic_patch, truncation)
-    result = audit(specs, tokenizer, settings, objective=objective)
+    result = audit(specs, tokenizer, settings, objective=objective, workers=audit_workers())
     if as_json:
         print(json.dumps({"objective": objective, **result.summary(),
                           "problems": [p.__dict__ for p in result.problems],

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import html
 import math
+import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -120,17 +122,19 @@ def _fmt_step(x: float) -> str:
 
 
 def plot_loss_curve(history: list[dict], path: str | Path) -> Path | None:
-    """Write a loss-curve PNG (train and eval loss against steps). Written to a temporary file first."""
+    """Write a loss-curve PNG (train and eval loss against steps). Written to a temporary file first.
+    matplotlib's object API (no pyplot, no backend switch): nothing process-wide changes, and the
+    training callback can draw from a background thread."""
     train = [(r["step"], r["loss"]) for r in history if isinstance(r.get("loss"), (int, float))]
     evals = [(r["step"], r["eval_loss"]) for r in history if isinstance(r.get("eval_loss"), (int, float))]
     if not train and not evals:
         return None
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), label="train loss")
     if evals:
@@ -141,8 +145,7 @@ def plot_loss_curve(history: list[dict], path: str | Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp.png")
     fig.savefig(tmp)
-    plt.close(fig)
     tmp.replace(path)
     return path

@@ -148,3 +148,85 @@ def test_histogram():
     assert len(rows) == 3 and rows[0].split()[-1] == "3" and rows[-1].split()[-1] == "3"
     assert histogram([]) == []
     assert histogram([5])[0].split()[-1] == "1"
+
+
+def _mixed_data(tmp_path: Path) -> Path:
+    """Valid, invalid and warned lines of every media kind, in an order that spreads them over chunks."""
+    Image.new("RGB", (64, 64), (200, 0, 0)).save(tmp_path / "ok.png")
+    Image.new("RGB", (160, 64), (0, 90, 0)).save(tmp_path / "wide.png")
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(tmp_path / "blank.png")  # a flat colour: a warning
+    long_q = {"from": "human", "value": "<image>\n" + "x " * 300}
+    kinds = [
+        {"image": "ok.png", "conversations": [Q, A]},
+        {"image": ["ok.png", "wide.png"], "conversations": [{"from": "human", "value": "<image><image>"}, A]},
+        {"conversations": [Q, A, Q, A]},
+        {"image": "missing.png", "conversations": [Q, A]},
+        {"image": "blank.png", "conversations": [Q, A]},
+        b"{not json",
+        {"image": "wide.png", "conversations": [long_q, A]},  # too long at max_length 200
+        {"conversations": [Q, {"from": "gpt", "value": ""}]},
+    ]
+    rng = random.Random(0)
+    return write(tmp_path, [rng.choice(kinds) for _ in range(61)])
+
+
+def test_audit_in_worker_processes_equals_one_process(tmp_path, tok, monkeypatch):
+    import os
+
+    from internvl_lora.data import audit as audit_mod
+
+    f = _mixed_data(tmp_path)
+    monkeypatch.setattr(audit_mod, "CHUNK", 5)
+    monkeypatch.setattr(audit_mod, "PARALLEL_MIN_LINES", 10)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    real = audit_mod._Job.check
+    monkeypatch.setattr(audit_mod._Job, "check",  # forked workers inherit the patch: each chunk leaves its pid
+                        lambda self, lines: (pids / f"{os.getpid()}-{lines[0].index}").touch() or real(self, lines))
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    s = settings(max_length=200)
+    one = audit(load_meta(f), tok, s, workers=1)
+    assert [p.name for p in pids.iterdir()] == [f"{os.getpid()}-0"]  # one process: all lines here
+    (pids / f"{os.getpid()}-0").unlink()
+    many = audit(load_meta(f), tok, s, workers=3)
+    ran = {p.name.split("-")[0] for p in pids.iterdir()}
+    assert len(list(pids.iterdir())) == 13 and str(os.getpid()) not in ran and len(ran) > 1
+    assert "TOKENIZERS_PARALLELISM" not in os.environ  # put back as it was
+    for field_name in ("valid", "lengths", "problems", "warnings", "images", "videos", "video_frames", "tiles",
+                       "trained_tokens", "cut", "kinds"):
+        assert getattr(many, field_name) == getattr(one, field_name), field_name
+    assert format_report(many) == format_report(one)
+    # the data has every kind of outcome
+    assert {p.kind for p in one.problems} == {"missing_image", "bad_json", "too_long", "empty_answer"}
+    assert {w.kind for w in one.warnings} == {"blank_image"} and one.valid
+
+
+def test_a_bug_in_a_worker_process_is_raised_not_swallowed(tmp_path, tok, monkeypatch):
+    import pytest
+
+    from internvl_lora.data import audit as audit_mod
+
+    f = _mixed_data(tmp_path)
+    monkeypatch.setattr(audit_mod, "CHUNK", 5)
+    monkeypatch.setattr(audit_mod, "PARALLEL_MIN_LINES", 10)
+
+    def broken(*a, **k):
+        raise RuntimeError("a bug in the encoder")
+
+    monkeypatch.setattr(audit_mod, "encode_record", broken)
+    with pytest.raises(RuntimeError, match="a bug in the encoder"):
+        audit(load_meta(f), tok, settings(), workers=2)
+
+
+def test_audit_workers_share_the_cores_among_local_ranks(monkeypatch):
+    import os
+
+    from internvl_lora.data.audit import audit_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert audit_workers() == 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert audit_workers() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert audit_workers() == 1

@@ -138,6 +138,33 @@ def test_healthy_run_is_not_stopped_and_logs_label_coverage(demo, tmp_path, caps
         assert piece in line, (piece, line)
 
 
+def test_time_waiting_for_the_loader_and_writing_checkpoints_is_logged(demo, tmp_path, monkeypatch, capsys):
+    import time
+
+    from internvl_lora.data.dataset import SupervisedDataset
+    from internvl_lora.train import train
+
+    real = SupervisedDataset.__getitem__
+
+    def slow(self, i):  # a loader that cannot keep up: 50 ms per sample, 4 samples per step
+        time.sleep(0.05)
+        return real(self, i)
+
+    monkeypatch.setattr(SupervisedDataset, "__getitem__", slow)
+    train(config(demo, tmp_path / "run", "train.max_steps=4", "train.save_steps=2", "data.num_workers=0"))
+    rows = [r for r in metrics(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # 16 samples x 50 ms waited for in all; accelerate's loader fetches one batch ahead, so a step's wait is
+    # mostly the next batch's and the last step waits for nothing
+    assert sum(r["data_wait_s"] for r in rows) >= 0.75
+    assert all(r["data_wait_s"] >= 0.2 and 0 < r["data_wait_share"] <= 1 for r in rows[:3]), rows
+    # the save at step 2 is logged with the next record (the Trainer logs a step before it saves it)
+    assert [("checkpoint_s" in r) for r in rows] == [False, False, True, False]
+    assert 0 < rows[2]["checkpoint_s"] < 60
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("step 3/4"))
+    assert "data wait " in line and line.rstrip().endswith("%")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Units
 
@@ -218,6 +245,8 @@ def test_log_line_writes_metrics_and_truncates_on_resume(tmp_path):
     assert rows[0]["label_coverage"] == 0.05 and rows[0]["trained_tokens"] == 5
     assert "eval_loss 1.2500" in printed[-1] and "eval_runtime" not in printed[-1]
     assert "trained 5.0% of tokens" in printed[0]
+    assert all(r["data_wait_s"] == 0 and "checkpoint_s" not in r for r in rows[:3])
+    assert not any("data wait" in p for p in printed)
     # a resumed run keeps the records up to the checkpoint and logs the rest again
     resumed = LogLine(StepStats(), tmp_path, print_fn=printed.append, resume_step=2)
     assert [r["step"] for r in resumed.history] == [1, 2]
@@ -246,10 +275,46 @@ def test_loss_curve_png(tmp_path):
     curve.on_save(None, other_rank, None)
     assert not (tmp_path / "run" / "loss_curve.png").exists()
     curve.on_save(None, _state(), None)
+    curve.wait()
     first = (tmp_path / "run" / "loss_curve.png").read_bytes()
     log.history = history
     curve.on_train_end(None, _state(), None)
     assert (tmp_path / "run" / "loss_curve.png").read_bytes() != first
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["loss_curve.png"]  # no temporary file left
+
+
+def test_loss_curve_is_drawn_off_the_training_thread_and_its_errors_are_raised(tmp_path, monkeypatch):
+    import threading
+
+    import internvl_lora.train.callbacks as cb
+
+    log = LogLine(StepStats(), tmp_path)
+    log.history = [{"step": k, "loss": 1.0 / k} for k in range(1, 5)]
+    drawn, release = [], threading.Event()
+
+    def slow_plot(history, path):
+        release.wait(10)
+        drawn.append((threading.current_thread().name, len(history)))
+
+    monkeypatch.setattr(cb, "plot_loss_curve", slow_plot)
+    curve = LossCurve(log, tmp_path)
+    curve.on_save(None, _state(), None)  # returns while the drawing waits
+    log.history = log.history + [{"step": 5, "loss": 0.2}]
+    curve.on_save(None, _state(), None)  # the previous drawing still runs: nothing new is started
+    assert drawn == []
+    release.set()
+    curve.wait()
+    assert drawn == [("loss-curve", 4)]
+    curve.on_train_end(None, _state(), None)  # the end draws in the training thread, with every record
+    assert drawn[-1] == (threading.current_thread().name, 5)
+
+    def broken(history, path):
+        raise ValueError("a bug in the plot")
+
+    monkeypatch.setattr(cb, "plot_loss_curve", broken)
+    curve.on_save(None, _state(), None)
+    with pytest.raises(ValueError, match="a bug in the plot"):
+        curve.on_train_end(None, _state(), None)
 
 
 def test_generation_metric_scores_what_the_model_answers(demo, monkeypatch):

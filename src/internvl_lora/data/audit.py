@@ -129,47 +129,142 @@ class AuditResult:
 META_KINDS = {"missing_meta", "bad_meta", "missing_annotation", "bad_repeat_time"}
 
 
+#: Lines a worker process checks per task, and the fewest lines for which processes pay off (a process
+#: pool costs about a second to start; one line takes ~10-15 ms with a 1080p image).
+CHUNK = 256
+PARALLEL_MIN_LINES = 2 * CHUNK
+
+
 def audit(specs: list[DatasetSpec], tokenizer, settings: EncodeSettings, decode_video: bool = True,
-          objective: str = "sft") -> AuditResult:
+          objective: str = "sft", workers: int = 1) -> AuditResult:
     """Check every line; never stops at the first problem.
 
     `decode_video=False`: videos are not opened; each counts as max_num_frames frames. `objective`:
     "sft" (supervised records) or "mpo" (preference pairs; a sample's length is both answers' tokens).
+    `workers` > 1: lines are checked by that many processes in chunks of CHUNK lines (data sets of at least
+    PARALLEL_MIN_LINES lines); the result is the same as with one, in the same order.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}")
-    parse, encode = (parse_preference, encode_preference) if objective == "mpo" else (parse_record, encode_record)
     result = AuditResult(lines=iter_lines(specs))
     for e in meta_problems(specs):
         result.problems.append(Problem(e.kind, e.path, e.line, e.detail))
-    sizes: dict = {}
+    job = _Job(tokenizer, settings, decode_video, objective)
+    if workers > 1 and len(result.lines) >= PARALLEL_MIN_LINES:
+        outcomes = _check_in_processes(result.lines, job, workers)
+    else:
+        outcomes = job.check(result.lines)
     kinds: collections.Counter = collections.Counter()
-    for ln in result.lines:
-        try:
-            record = parse(ln)
-            enc = encode(record, tokenizer, settings, dataset_max_patch=ln.spec.max_dynamic_patch,
-                                load_pixels=False, size_cache=sizes,
-                                video_frames=None if decode_video else settings.max_num_frames)
-        except DataError as e:
-            result.problems.append(Problem(e.kind, e.path or ln.path, e.line or ln.line, e.detail))
+    for ln, o in zip(result.lines, outcomes):
+        if isinstance(o, Problem):
+            result.problems.append(o)
             continue
         result.valid.append(ln.index)
-        result.warnings += [Problem(kind, ln.path, ln.line, msg) for kind, msg in enc.warnings]
-        result.lengths[ln.index] = len(enc.input_ids)
-        kinds[record.kind] += 1
-        if isinstance(record, PreferenceRecord):
-            record = record.chosen
-        if record.video:
+        result.warnings += [Problem(kind, ln.path, ln.line, msg) for kind, msg in o.warnings]
+        result.lengths[ln.index] = o.length
+        kinds[o.kind] += 1
+        if o.video:
             result.videos += 1
-            result.video_frames += len(enc.num_tiles)
+            result.video_frames += o.media
         else:
-            result.images += len(enc.num_tiles)
-        result.tiles += sum(enc.num_tiles)
-        result.trained_tokens += sum(1 for lab in enc.labels if lab != IGNORE_INDEX)
-        if enc.cut:
+            result.images += o.media
+        result.tiles += o.tiles
+        result.trained_tokens += o.trained
+        if o.cut:
             result.cut.append(ln.index)
     result.kinds = dict(kinds)
     return result
+
+
+@dataclass
+class _Checked:
+    """What the audit keeps of a valid line (small: it travels back from a worker process)."""
+
+    length: int
+    warnings: list
+    kind: str
+    video: bool
+    media: int  # images, or frames of the video
+    tiles: int
+    trained: int
+    cut: bool
+
+
+class _Job:
+    """Parse and encode lines as training will (no pixels); one instance per process."""
+
+    def __init__(self, tokenizer, settings: EncodeSettings, decode_video: bool, objective: str):
+        self.tokenizer, self.settings, self.decode_video, self.objective = tokenizer, settings, decode_video, objective
+        self.sizes: dict = {}  # image sizes already read (an image used by several samples is opened once)
+
+    def check(self, lines: list[Line]) -> list:
+        mpo = self.objective == "mpo"
+        parse, encode = (parse_preference, encode_preference) if mpo else (parse_record, encode_record)
+        out: list = []
+        for ln in lines:
+            try:
+                record = parse(ln)
+                enc = encode(record, self.tokenizer, self.settings, dataset_max_patch=ln.spec.max_dynamic_patch,
+                             load_pixels=False, size_cache=self.sizes,
+                             video_frames=None if self.decode_video else self.settings.max_num_frames)
+            except DataError as e:
+                out.append(Problem(e.kind, e.path or ln.path, e.line or ln.line, e.detail))
+                continue
+            media = record.chosen if isinstance(record, PreferenceRecord) else record
+            out.append(_Checked(len(enc.input_ids), list(enc.warnings), record.kind, bool(media.video),
+                                len(enc.num_tiles), sum(enc.num_tiles),
+                                sum(1 for lab in enc.labels if lab != IGNORE_INDEX), bool(enc.cut)))
+        return out
+
+
+# The job and the lines of a parallel audit, inherited by forked workers (nothing large is pickled).
+_FORKED: tuple | None = None
+
+
+def _check_range(bounds: tuple[int, int]) -> list:
+    job, lines = _FORKED
+    return job.check(lines[bounds[0]:bounds[1]])
+
+
+def _check_in_processes(lines: list[Line], job: _Job, workers: int) -> list:
+    """`job.check` over `lines` in forked processes, chunk by chunk, results in line order. Where fork is not
+    available (macOS / Windows default) or the pool cannot start, the lines are checked here."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    global _FORKED
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return job.check(lines)
+    chunks = [(i, min(i + CHUNK, len(lines))) for i in range(0, len(lines), CHUNK)]
+    # The children do not use the tokenizer's thread pool; saying so stops the tokenizers library from
+    # warning about the fork in every child. The variable is put back as it was.
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _FORKED = (job, lines)
+    try:
+        with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=multiprocessing.get_context("fork")) as pool:
+            parts = list(pool.map(_check_range, chunks))
+    finally:
+        _FORKED = None
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+    return [o for part in parts for o in part]
+
+
+def audit_workers() -> int:
+    """Processes for the audit: the CPU cores this process may use, shared among the processes of this
+    machine under torchrun (LOCAL_WORLD_SIZE), at most 32."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(32, cores // local))
 
 
 def histogram(lengths: list[int], bins: int = 8, width: int = 40) -> list[str]:

@@ -22,7 +22,7 @@ import torch
 from transformers.trainer_callback import PrinterCallback
 
 from ..config import RunConfig, save_config
-from ..data.audit import audit, format_report
+from ..data.audit import audit, audit_workers, format_report
 from ..data.collate import data_collator
 from ..data.dataset import PreferenceDataset, SupervisedDataset
 from ..data.encode import EncodeSettings
@@ -58,7 +58,7 @@ def encode_settings(cfg: RunConfig, info: CheckpointInfo) -> EncodeSettings:
 
 def prepare_data(cfg: RunConfig, tokenizer, settings: EncodeSettings, meta: str, train: bool):
     specs = load_meta(meta)
-    result = audit(specs, tokenizer, settings, objective=cfg.train.objective)
+    result = audit(specs, tokenizer, settings, objective=cfg.train.objective, workers=audit_workers())
     print0(format_report(result))
     if result.problems:
         if not cfg.data.skip_invalid:
@@ -213,7 +213,8 @@ def _train(cfg: RunConfig) -> Path:
     stats = StepStats()
     resume_step = read_json(resume / "trainer_state.json")["global_step"] if resume else None
     log = LogLine(stats, out, print_fn=print0, resume_step=resume_step, is_main=is_main())
-    callbacks: list = [log, LossCurve(log, out)]
+    curve = LossCurve(log, out)
+    callbacks: list = [log, curve]
     watchdog = None
     if t.watchdog:
         # float16 loss scaling skips the first optimizer steps (overflow): give the adapters longer to move.
@@ -287,7 +288,7 @@ def _train(cfg: RunConfig) -> Path:
             meta["final_generation_eval"] = gen_eval.results[-1]
         write_json(adapter_dir / RUN_META, meta)
         save_config(cfg, adapter_dir / "config.yaml")
-        LossCurve(log, out).on_save(args, trainer.state, trainer.control)
+        curve.write()
         print0(f"adapter saved to {adapter_dir}")
         print0(f"metrics: {out / 'metrics.jsonl'}, loss curve: {out / 'loss_curve.png'}"
                + (f", tensorboard: tensorboard --logdir {out / 'tensorboard'}" if "tensorboard" in t.report_to else ""))

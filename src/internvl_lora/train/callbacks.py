@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from pathlib import Path
 
@@ -42,8 +43,9 @@ class StepStats:
     """Counters the trainer fills on every training micro-batch (tokens, trained tokens, image tiles).
 
     `tokens`, `trained`, `tiles` are this rank's; `sync()` (called at every log, on every rank) adds
-    up all ranks into `global_*`. `step_losses` / `step_empty` cover the current optimizer step only
-    (the watchdog reads and clears them).
+    up all ranks into `global_*`. `data_wait` / `checkpoint`: this rank's seconds spent waiting for the
+    data loader / writing checkpoints; `global_data_wait` is the slowest rank's (it holds the others back).
+    `step_losses` / `step_empty` cover the current optimizer step only (the watchdog reads and clears them).
     """
 
     def __init__(self):
@@ -54,6 +56,7 @@ class StepStats:
         self.step_empty = 0
         self.step_losses: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
         self.global_tokens = self.global_trained = self.global_tiles = 0
+        self.data_wait = self.checkpoint = self.global_data_wait = 0.0
 
     def add(self, inputs: dict) -> None:
         """Count a micro-batch: from its `batch_counts` (worked out on the host by `data.collate.HostSide`), or
@@ -95,6 +98,12 @@ class StepStats:
     def sync(self) -> None:
         self.global_tokens, self.global_trained, self.global_tiles = (
             int(v) for v in all_reduce([self.tokens, self.trained, self.tiles]))
+        self.global_data_wait = all_reduce([self.data_wait], op="max")[0]
+
+
+#: Share of an interval spent waiting for the data loader from which the log line shows it (a hint to raise
+#: data.num_workers; metrics.jsonl always has `data_wait_s` and `data_wait_share`).
+DATA_WAIT_SHOWN = 0.1
 
 
 def _fmt_time(seconds: float) -> str:
@@ -116,6 +125,7 @@ class LogLine(TrainerCallback):
         self.t0 = self.t_last = None
         self.start_step = 0
         self.last = (0, 0, 0)
+        self.last_waits = (0.0, 0.0)  # data wait and checkpoint seconds at the last record
         self.eta = 0.0
         self.measured: dict | None = None  # what `measure` added to the record being logged
         self.history: list[dict] = []
@@ -131,6 +141,7 @@ class LogLine(TrainerCallback):
         self.t0 = self.t_last = time.time()
         self.start_step = state.global_step
         self.last = (self.stats.global_tokens, self.stats.global_trained, self.stats.global_tiles)
+        self.last_waits = (self.stats.global_data_wait, self.stats.checkpoint)
 
     def measure(self, logs: dict, state) -> dict:
         """The figures of a training record (throughput since the last one, label coverage, memory); {} for
@@ -148,13 +159,18 @@ class LogLine(TrainerCallback):
         tokens, trained, tiles = self.stats.global_tokens, self.stats.global_trained, self.stats.global_tiles
         d_tokens, d_trained, d_tiles = tokens - self.last[0], trained - self.last[1], tiles - self.last[2]
         self.t_last, self.last = now, (tokens, trained, tiles)
+        d_wait = self.stats.global_data_wait - self.last_waits[0]
+        d_checkpoint = self.stats.checkpoint - self.last_waits[1]
+        self.last_waits = (self.stats.global_data_wait, self.stats.checkpoint)
         elapsed = now - self.t0
         self.eta = elapsed / max(1, state.global_step - self.start_step) * max(0, state.max_steps - state.global_step)
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
         self.measured = {
             "tokens_per_s": round(d_tokens / dt, 1), "tiles_per_s": round(d_tiles / dt, 2), "trained_tokens": trained,
             "label_coverage": round(d_trained / d_tokens if d_tokens else 0.0, 5), "elapsed_s": round(elapsed, 1),
-            "peak_mem_gib": round(mem, 2)}
+            "peak_mem_gib": round(mem, 2), "data_wait_s": round(d_wait, 3), "data_wait_share": round(d_wait / dt, 3)}
+        if d_checkpoint > 0:
+            self.measured["checkpoint_s"] = round(d_checkpoint, 2)
         return self.measured
 
     def write(self, record: dict) -> None:
@@ -192,22 +208,58 @@ class LogLine(TrainerCallback):
                       f"{record['tiles_per_s']:,.1f} tiles/s", f"eta {_fmt_time(self.eta)}"]
             if record["peak_mem_gib"]:
                 parts.append(f"mem {record['peak_mem_gib']:.1f} GiB")
+            if record["data_wait_share"] >= DATA_WAIT_SHOWN:
+                parts.append(f"data wait {100 * record['data_wait_share']:.0f}%")
         if len(parts) > 1:
             self.print(" | ".join(parts))
 
 
 class LossCurve(TrainerCallback):
-    """Writes `loss_curve.png` at every save and at the end of training (rank 0)."""
+    """Writes `loss_curve.png` at every save, in a background thread, and at the end of training (rank 0).
+
+    Drawing takes 0.1-0.8 s (matplotlib's import the first time), which the training loop should not wait
+    for at a checkpoint. A save while the previous drawing still runs draws nothing: the next save or the
+    end draws the newer curve. An error of a drawing is raised at the next save or at the end, not lost.
+    """
 
     def __init__(self, log: LogLine, out_dir: str | Path):
         self.log, self.out_dir = log, Path(out_dir)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def _draw(self, history: list[dict]) -> None:
+        try:
+            plot_loss_curve(history, self.out_dir / "loss_curve.png")
+        except BaseException as e:  # kept for the training thread, which raises it
+            self._error = e
+
+    def wait(self) -> None:
+        """Wait for a drawing under way; raise its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def write(self) -> None:
+        """Draw the curve now (rank 0 calls this once training is over)."""
+        self.wait()
+        plot_loss_curve(self.log.history, self.out_dir / "loss_curve.png")
 
     def on_save(self, args, state, control, **kw):
-        if state.is_world_process_zero:
-            plot_loss_curve(self.log.history, self.out_dir / "loss_curve.png")
+        if not state.is_world_process_zero:
+            return
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self.wait()
+        # not a daemon: an interpreter exiting mid-drawing lets it finish (no stray temporary file)
+        self._thread = threading.Thread(target=self._draw, args=(list(self.log.history),), name="loss-curve")
+        self._thread.start()
 
     def on_train_end(self, args, state, control, **kw):
-        self.on_save(args, state, control)
+        if state.is_world_process_zero:
+            self.write()
 
 
 class TrainingHealthError(UserError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -165,7 +166,9 @@ class InternVLTrainer(Trainer):
         """With a weighted loss (`sample` / `square`), the normaliser is the sum of the weights over the
         global batch (micro-batches of the step x processes) instead of the number of trained tokens; with
         the preference objective, the number of pairs of the global batch."""
+        t = time.perf_counter()  # the loader's next batches: the time the loop waits for them is logged
         batches, num_items = super().get_batch_samples(_raising_load_errors(epoch_iterator), num_batches, device)
+        self.stats.data_wait += time.perf_counter() - t
         if self.preference is not None and batches:
             total = sum(b["pairs"] for b in batches)
         elif self.loss_reduction == "token" or not batches or "labels" not in batches[0]:
@@ -250,8 +253,10 @@ class InternVLTrainer(Trainer):
         run_dir = Path(self._get_output_dir(trial=trial))
         folder = run_dir / f"checkpoint-{self.state.global_step}"
         previous = last_complete_checkpoint(run_dir)
+        t = time.perf_counter()
         try:
             super()._save_checkpoint(model, trial)
+            self.stats.checkpoint += time.perf_counter() - t  # logged with the next record
         except (OSError, RuntimeError) as e:
             reason = write_failure(e)
             if reason is None:
