@@ -21,7 +21,7 @@ about --steps + 3 micro-batches. Prints one JSON line: both tokens/s and e2e / s
 
 --loader-only: the data loader of training (the data set and packed collator of the training command,
 official pixels, pinned memory on a GPU) alone: samples/s and samples/s per worker for each worker count,
-and the data audit's time per 1,000 samples.
+and the data audit's time per 1,000 samples (in worker processes, as training runs it, and in one process).
 """
 
 from __future__ import annotations
@@ -115,7 +115,15 @@ def steady(out: Path, lines: list) -> dict:
         by = {r["step"]: r for r in train}
         t_first, t_last = by[first]["elapsed_s"], by[steps[-1]]["elapsed_s"]
     tokens = sum(tokens_by_step[s] for s in window)
+    by = {r["step"]: r for r in train}
+    span = max(t_last - t_first, 1e-9)
+    wait = sum(by[s].get("data_wait_s", 0.0) for s in window)
+    saves = sum(by[s].get("checkpoint_s", 0.0) for s in window)
     return {"steps": len(steps), "steady_steps": len(window), "steady_tokens": round(tokens),
+            "steady_s": round(span, 2), "data_wait_s": round(wait, 2), "data_wait_share": round(wait / span, 3),
+            "checkpoint_s": round(saves, 2),
+            "step_s": [round(stamps[s] - stamps[p], 3) if s in stamps and p in stamps else
+                       round(by[s]["elapsed_s"] - by[p]["elapsed_s"], 1) for p, s in zip(steps, steps[1:])],
             "tokens_per_s": round(tokens / max(t_last - t_first, 1e-9), 1),
             "time_to_first_step_s": round(stamps.get(steps[0], float("nan")), 1),
             "peak_mem_gib": max(r.get("peak_mem_gib", 0.0) for r in train)}
@@ -210,8 +218,15 @@ def loader_only(a) -> dict:
     ds, tokenizer, settings, cfg, audit_s, result = dataset(a)
     collate = HostSide(data_collator(tokenizer, settings, False, packing=True))
     n = min(len(ds), a.loader_samples)
-    out = {"samples": n, "dataset_samples": len(ds), "audit_s": round(audit_s, 2),
+    from internvl_lora.data.audit import audit, audit_workers
+    from internvl_lora.data.meta import load_meta
+
+    t = time.perf_counter()
+    audit(load_meta(cfg.data.meta), tokenizer, settings, workers=1)
+    serial_s = time.perf_counter() - t
+    out = {"samples": n, "dataset_samples": len(ds), "audit_s": round(audit_s, 2), "audit_workers": audit_workers(),
            "audit_s_per_1000_samples": round(audit_s / max(1, len(result.lines)) * 1000, 2),
+           "audit_one_process_s_per_1000_samples": round(serial_s / max(1, len(result.lines)) * 1000, 2),
            "tiles_in_data": result.tiles, "pin_memory": cuda(), "per_workers": {}}
     for w in (int(x) for x in a.worker_counts.split(",")):
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=4, num_workers=w,
