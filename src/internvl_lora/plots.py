@@ -1,13 +1,17 @@
 """The training loss curve, in one place: `loss_curve_svg` (inline SVG for the self-contained HTML
 report, no dependency) and `plot_loss_curve` (``loss_curve.png`` in a run folder, train and eval loss,
-drawn with matplotlib)."""
+drawn with matplotlib).
+
+    python -m internvl_lora.plots METRICS.jsonl OUT.png     # what training runs in a child process at a save
+"""
 
 from __future__ import annotations
 
 import html
 import math
+import json
 import os
-import threading
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -123,8 +127,7 @@ def _fmt_step(x: float) -> str:
 
 def plot_loss_curve(history: list[dict], path: str | Path) -> Path | None:
     """Write a loss-curve PNG (train and eval loss against steps). Written to a temporary file first.
-    matplotlib's object API (no pyplot, no backend switch): nothing process-wide changes, and the
-    training callback can draw from a background thread."""
+    matplotlib's object API (no pyplot, no backend switch): nothing process-wide changes."""
     train = [(r["step"], r["loss"]) for r in history if isinstance(r.get("loss"), (int, float))]
     evals = [(r["step"], r["eval_loss"]) for r in history if isinstance(r.get("eval_loss"), (int, float))]
     if not train and not evals:
@@ -145,7 +148,31 @@ def plot_loss_curve(history: list[dict], path: str | Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp.png")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.png")
     fig.savefig(tmp)
     tmp.replace(path)
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Draw OUT.png from the records of a metrics.jsonl (blank lines skipped)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m internvl_lora.plots METRICS.jsonl OUT.png", file=sys.stderr)
+        return 2
+    metrics, out = argv
+    history = []
+    with open(metrics, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    history.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    print(f"{metrics}:{n}: not a JSON record ({e.msg})", file=sys.stderr)
+                    return 1
+    plot_loss_curve(history, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -267,54 +267,62 @@ def test_loss_curve_png(tmp_path):
     assert plot_loss_curve([{"step": 1, "eval_gen_anls": 0.5}], tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
     # the callback writes it at every save (rank 0 only) and at the end
-    log = LogLine(StepStats(), tmp_path / "run")
     (tmp_path / "run").mkdir()
-    log.history = history[:5]
+    log = LogLine(StepStats(), tmp_path / "run")
     curve = LossCurve(log, tmp_path / "run")
+    curve.on_save(None, _state(), None)  # nothing logged yet: nothing to draw
+    curve.wait()
+    assert not (tmp_path / "run" / "loss_curve.png").exists()
+    for r in history[:5]:
+        log.write(r)
     other_rank = SimpleNamespace(**{**vars(_state()), "is_world_process_zero": False})
     curve.on_save(None, other_rank, None)
     assert not (tmp_path / "run" / "loss_curve.png").exists()
     curve.on_save(None, _state(), None)
     curve.wait()
     first = (tmp_path / "run" / "loss_curve.png").read_bytes()
-    log.history = history
+    for r in history[5:]:
+        log.write(r)
     curve.on_train_end(None, _state(), None)
     assert (tmp_path / "run" / "loss_curve.png").read_bytes() != first
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["loss_curve.png"]  # no temporary file left
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["loss_curve.png", "metrics.jsonl"]  # no temporary file
 
 
-def test_loss_curve_is_drawn_off_the_training_thread_and_its_errors_are_raised(tmp_path, monkeypatch):
-    import threading
-
-    import internvl_lora.train.callbacks as cb
+def test_loss_curve_is_drawn_by_a_child_process_and_its_errors_are_raised(tmp_path, monkeypatch):
+    import json
+    import sys
 
     log = LogLine(StepStats(), tmp_path)
-    log.history = [{"step": k, "loss": 1.0 / k} for k in range(1, 5)]
-    drawn, release = [], threading.Event()
-
-    def slow_plot(history, path):
-        release.wait(10)
-        drawn.append((threading.current_thread().name, len(history)))
-
-    monkeypatch.setattr(cb, "plot_loss_curve", slow_plot)
+    for k in range(1, 5):
+        log.write({"step": k, "loss": 1.0 / k})
+    png = tmp_path / "loss_curve.png"
     curve = LossCurve(log, tmp_path)
-    curve.on_save(None, _state(), None)  # returns while the drawing waits
-    log.history = log.history + [{"step": 5, "loss": 0.2}]
-    curve.on_save(None, _state(), None)  # the previous drawing still runs: nothing new is started
-    assert drawn == []
-    release.set()
-    curve.wait()
-    assert drawn == [("loss-curve", 4)]
-    curve.on_train_end(None, _state(), None)  # the end draws in the training thread, with every record
-    assert drawn[-1] == (threading.current_thread().name, 5)
-
-    def broken(history, path):
-        raise ValueError("a bug in the plot")
-
-    monkeypatch.setattr(cb, "plot_loss_curve", broken)
+    # a child that is still drawing: a second save starts none
+    gate = tmp_path / "gate"
+    slow = [sys.executable, "-c", f"import pathlib, sys, time\nwhile not pathlib.Path({str(gate)!r}).exists(): "
+            "time.sleep(0.02)\nfrom internvl_lora.plots import main; sys.exit(main(sys.argv[1:]))"]
+    monkeypatch.setattr(LossCurve, "command", slow)
     curve.on_save(None, _state(), None)
-    with pytest.raises(ValueError, match="a bug in the plot"):
+    first = curve._child[0]
+    curve.on_save(None, _state(), None)
+    assert curve._child[0] is first and not png.exists()
+    gate.touch()
+    curve.wait()
+    assert png.exists() and first.returncode == 0
+    monkeypatch.undo()
+    # the real command draws the same picture as drawing here
+    png.unlink()
+    curve.on_save(None, _state(), None)
+    curve.wait()
+    plot_loss_curve(log.history, tmp_path / "here.png")
+    assert png.read_bytes() == (tmp_path / "here.png").read_bytes()
+    # a drawing that fails is raised, with its message
+    with open(log.path, "a") as f:
+        f.write("{not json\n")
+    curve.on_save(None, _state(), None)
+    with pytest.raises(RuntimeError, match=r"metrics.jsonl:5: not a JSON record"):
         curve.on_train_end(None, _state(), None)
+    assert json.loads(log.path.read_text().splitlines()[0])["step"] == 1
 
 
 def test_generation_metric_scores_what_the_model_answers(demo, monkeypatch):

@@ -247,3 +247,79 @@ def test_packed_attention_on_a_gpu_in_every_dtype(dtype):
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         assert torch.allclose(out[0, a:a + n].float(), ref[0].transpose(0, 1), atol=tol), (dtype, n)
         a += n
+
+
+def _qwen2_internvl(hidden=896, inter=4864, layers=2):
+    """A random InternVL whose LLM layer has the 1B shape's widths (what the kernels' variants depend on)."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    vit = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, image_size=448,
+               patch_size=14)
+    text = dict(model_type="qwen2", hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                num_attention_heads=14, num_key_value_heads=2, vocab_size=2048, max_position_embeddings=32768)
+    cfg = InternVLConfig(vision_config=vit, text_config=text, image_token_id=1000)
+    return InternVLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
+
+
+def test_kernel_warm_up_does_nothing_off_a_gpu():
+    from internvl_lora.train.speed import language_decoder, warm_up_kernels
+
+    model = _qwen2_internvl(hidden=64, inter=128, layers=1)
+    state = torch.random.get_rng_state()
+    assert warm_up_kernels(language_decoder(model)) is False
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+@pytest.mark.gpu
+def test_after_the_kernel_warm_up_no_token_count_compiles_a_kernel():
+    """The run's first (full) micro-batch compiles what it needs; after the warm-up, micro-batches of any
+    other token count (a multiple of 16 or not, a few tokens) compile no Triton kernel -- each compile was
+    a 0.3-0.9 s stall of a step in the middle of a run (bench/e2e_bench.py, 1B, H100). And the warm-up
+    leaves the random number generators and every gradient as they were."""
+    triton = pytest.importorskip("triton")
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None or not hasattr(knobs.runtime, "jit_post_compile_hook"):
+        pytest.skip("this triton has no compile hook")
+    from internvl_lora.config import PolicyArgs, TrainArgs
+    from internvl_lora.lora.policy import apply_policy
+    from internvl_lora.train.speed import (
+        backend_switches_restored, language_decoder, register_varlen_attention, speed_options, warm_up_kernels,
+    )
+    from internvl_lora.train.memory import layer_inputs
+
+    model = _qwen2_internvl().cuda()
+    model.set_attn_implementation({"text_config": register_varlen_attention()})
+    t = TrainArgs(liger=True, fused=True)
+    with backend_switches_restored():
+        speed_options(model, t, before_adapters=True)
+        model = apply_policy(model, PolicyArgs(dropout=0.05), "qwen2")
+        done = speed_options(model, t, before_adapters=False)
+        assert any(d.startswith("fused LoRA layers") for d in done), done
+        model.train()
+        decoder = language_decoder(model)
+        layer = decoder.layers[0]
+
+        def step(n):
+            x, kw = layer_inputs(decoder, n, torch.bfloat16, "cuda", requires_grad=True)
+            out = layer(x, attention_mask=None, **kw)
+            out = out[0] if isinstance(out, tuple) else out
+            out.float().pow(2).mean().backward()
+
+        step(20480)  # the first, full micro-batch of a run
+        rng = (torch.random.get_rng_state(), torch.cuda.get_rng_state())
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        assert grads
+        assert warm_up_kernels(decoder)
+        assert torch.equal(rng[0], torch.random.get_rng_state()) and torch.equal(rng[1], torch.cuda.get_rng_state())
+        after = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert set(after) == set(grads) and all(torch.equal(after[n], g) for n, g in grads.items())
+        compiled = []
+        previous = knobs.runtime.jit_post_compile_hook
+        knobs.runtime.jit_post_compile_hook = lambda *a, **k: compiled.append(k.get("fn") or a)
+        try:
+            for n in (20480, 11041, 3431, 16384, 777, 20475, 64):
+                step(n)
+            torch.cuda.synchronize()
+        finally:
+            knobs.runtime.jit_post_compile_hook = previous
+        assert compiled == [], compiled

@@ -25,7 +25,10 @@ def _fwd_part(acc, x_ptr, at_ptr, rows, row_ok, cols, K, stride_x, ranks, R, hal
     return tl.dot(x, a, acc)
 
 
-@triton.jit(do_not_specialize=["T", "seed"])
+# Integers that change with a micro-batch's token count (T and what is derived from it) are not specialised:
+# Triton would compile a kernel again whenever one of them is 1 or a multiple of 16 for the first time, a
+# stall of a training step in the middle of a run.
+@triton.jit(do_not_specialize=["T", "seed", "blocks_per_split"])
 def forward_kernel(x_ptr, at_ptr, out_ptr, T, K, R, seed, thr, scale, stride_x, blocks_per_split,
                    BM: tl.constexpr, G: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr):
     """out[rows] (+)= scale * (x * keep) @ A^T over this program's column blocks; float32 (T x R).
@@ -75,7 +78,7 @@ def _grad_a_store(out_ptr, acc, ranks, R, cols, K, scale, SPLIT: tl.constexpr):
         tl.store(ptrs, acc * scale, mask=ok)
 
 
-@triton.jit(do_not_specialize=["T", "seed"])
+@triton.jit(do_not_specialize=["T", "seed", "rows_per_split"])
 def grad_a_kernel(ght_ptr, x_ptr, out_ptr, T, K, R, seed, thr, scale, stride_x, rows_per_split,
                   BT: tl.constexpr, G: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr):
     """out[:, block] (+)= scale * gh^T @ (x * keep) over this program's rows; float32 (R x K)."""

@@ -40,7 +40,7 @@ from .callbacks import GenerationEval, LogLine, LossCurve, StepStats, TrainingHe
 from .preference import PreferenceObjective, PreferenceState
 from .speed import backend_switches_restored, register_varlen_attention, speed_options
 from .trainer import (
-    InternVLTrainer, _CheckpointShare, sharded_weights, training_arguments, use_tensorboard_dir, zero_stage,
+    InternVLTrainer, _CheckpointShare, _KernelWarmUp, sharded_weights, training_arguments, use_tensorboard_dir, zero_stage,
 )
 
 __all__ = ["train", "TrainingHealthError", "CheckpointSaveError"]
@@ -246,6 +246,8 @@ def _train(cfg: RunConfig) -> Path:
         loss_reduction=t.loss_reduction, token_budget=cfg.data.max_tokens_per_batch, preference=preference,
         measure=log.measure,
     )
+    if not sharded:  # (partitioned weights are whole only inside the wrapped forward)
+        trainer.add_callback(_KernelWarmUp(model))
     if t.gradient_checkpointing and t.checkpoint_layers != 1 and not sharded:
         trainer.add_callback(_CheckpointShare(model, t.checkpoint_layers, longest_micro_batch(cfg, train_ds.lengths)))
     trainer.remove_callback(PrinterCallback)  # the LogLine prints instead of raw dicts

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-import threading
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -215,47 +217,50 @@ class LogLine(TrainerCallback):
 
 
 class LossCurve(TrainerCallback):
-    """Writes `loss_curve.png` at every save, in a background thread, and at the end of training (rank 0).
+    """Writes `loss_curve.png` at every save and at the end of training (rank 0).
 
-    Drawing takes 0.1-0.8 s (matplotlib's import the first time), which the training loop should not wait
-    for at a checkpoint. A save while the previous drawing still runs draws nothing: the next save or the
-    end draws the newer curve. An error of a drawing is raised at the next save or at the end, not lost.
+    At a save a child process draws it from metrics.jsonl: matplotlib's import and drawing take 0.5-1 s of
+    CPU that the training loop (one Python thread, which keeps the GPU fed) should not share. A save
+    while the previous drawing still runs starts none: the next save or the end draws the newer curve.
+    A drawing that fails is raised at the next save or at the end, with its error output.
     """
+
+    command = [sys.executable, "-m", "internvl_lora.plots"]  # + METRICS.jsonl OUT.png
 
     def __init__(self, log: LogLine, out_dir: str | Path):
         self.log, self.out_dir = log, Path(out_dir)
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def _draw(self, history: list[dict]) -> None:
-        try:
-            plot_loss_curve(history, self.out_dir / "loss_curve.png")
-        except BaseException as e:  # kept for the training thread, which raises it
-            self._error = e
+        self._child: tuple[subprocess.Popen, object] | None = None  # (process, its stderr file)
 
     def wait(self) -> None:
         """Wait for a drawing under way; raise its error if it failed."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+        if self._child is None:
+            return
+        proc, err = self._child
+        self._child = None
+        proc.wait()
+        err.seek(0)
+        message = err.read().decode("utf-8", "replace").strip()
+        err.close()
+        if proc.returncode:
+            raise RuntimeError(f"drawing {self.out_dir / 'loss_curve.png'} failed (exit {proc.returncode}): {message}")
 
     def write(self) -> None:
-        """Draw the curve now (rank 0 calls this once training is over)."""
+        """Draw the curve now, in this process (rank 0 calls this once training is over)."""
         self.wait()
         plot_loss_curve(self.log.history, self.out_dir / "loss_curve.png")
 
     def on_save(self, args, state, control, **kw):
         if not state.is_world_process_zero:
             return
-        if self._thread is not None and self._thread.is_alive():
+        if self._child is not None and self._child[0].poll() is None:
             return
         self.wait()
-        # not a daemon: an interpreter exiting mid-drawing lets it finish (no stray temporary file)
-        self._thread = threading.Thread(target=self._draw, args=(list(self.log.history),), name="loss-curve")
-        self._thread.start()
+        if not self.log.path.exists():  # nothing logged yet
+            return
+        err = tempfile.TemporaryFile()
+        proc = subprocess.Popen([*self.command, str(self.log.path), str(self.out_dir / "loss_curve.png")],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        self._child = (proc, err)
 
     def on_train_end(self, args, state, control, **kw):
         if state.is_world_process_zero:

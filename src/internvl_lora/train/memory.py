@@ -79,11 +79,7 @@ def layer_bytes_per_token(layer, rotary, hidden_size: int, dtype: torch.dtype, d
         # Measured on a second pass at each size: what a first call allocates once and keeps (e.g. a matmul
         # library's workspace) is not a cost of the tokens a step keeps.
         for n in (*tokens, *tokens):
-            x = torch.randn(1, n, hidden_size, device=device, dtype=dtype, requires_grad=True)
-            position_ids = torch.arange(n, device=device).unsqueeze(0)
-            cu = torch.tensor([0, n], device=device, dtype=torch.int32)
-            kwargs = {"position_ids": position_ids, "position_embeddings": rotary(x, position_ids),
-                      "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": n, "max_length_k": n}
+            x, kwargs = _inputs(rotary, hidden_size, n, dtype, device, requires_grad=True)
             torch.cuda.synchronize(device)
             before = torch.cuda.memory_allocated(device)
             out = layer(x, attention_mask=None, **kwargs)
@@ -94,6 +90,21 @@ def layer_bytes_per_token(layer, rotary, hidden_size: int, dtype: torch.dtype, d
         layer.gradient_checkpointing = was_ckpt
         layer.train(was_training)
     return max((kept[3] - kept[2]) / (tokens[1] - tokens[0]), 0.0)
+
+
+def _inputs(rotary, hidden_size: int, n: int, dtype, device, requires_grad: bool):
+    """Random hidden states of one packed sample of `n` tokens and the keyword arguments of a decoder layer
+    (positions, rotary embedding, packed-attention boundaries; plain attention ignores the latter)."""
+    x = torch.randn(1, n, hidden_size, device=device, dtype=dtype, requires_grad=requires_grad)
+    position_ids = torch.arange(n, device=device).unsqueeze(0)
+    cu = torch.tensor([0, n], device=device, dtype=torch.int32)
+    return x, {"position_ids": position_ids, "position_embeddings": rotary(x, position_ids),
+               "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": n, "max_length_k": n}
+
+
+def layer_inputs(decoder, n: int, dtype, device, requires_grad: bool = False):
+    """`_inputs` for a layer of `decoder` (a transformers decoder model: `.rotary_emb`, `.config`)."""
+    return _inputs(decoder.rotary_emb, decoder.config.hidden_size, n, dtype, device, requires_grad)
 
 
 def reserve_bytes(total: int, trainable_bytes: int) -> int:

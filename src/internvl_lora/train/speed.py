@@ -8,6 +8,8 @@
 - `speed_options` applies the `train` section's choices (Liger, `train.fused`); `fused_paths` is the
   fused part with one switch per lever, for benchmarks. `backend_switches_restored` puts back the
   process-wide torch switches that `speed_options` changes.
+- `warm_up_kernels` compiles the decoder layer's JIT kernels for the token counts a run meets at random,
+  before the first step.
 
 Generic: nothing here is specific to InternVL.
 """
@@ -199,3 +201,39 @@ def fused_paths(model, sharded: bool = False, lora: bool = True, kernels: bool =
         elif chunk_output_layer(model):
             done.append("chunked loss")
     return done
+
+
+#: Token counts of the kernel warm-up: a multiple of 16 and one that is not (Triton specialises integer
+#: arguments on that), and few enough tokens that the fused LoRA kernels take their split variant.
+WARM_UP_TOKENS = (2048, 2047)
+
+
+def warm_up_kernels(decoder, tokens=WARM_UP_TOKENS) -> bool:
+    """Run one decoder layer of `decoder` (a transformers decoder model on a GPU: `.layers`, `.rotary_emb`)
+    forward and backward on random inputs of each of `tokens` tokens, so that the JIT-compiled kernels it
+    uses (Triton: the fused LoRA layers, Liger) are compiled for the variants a run meets at random before
+    the first step, not in the middle of training (a stall of 0.1-0.5 s per new variant). Every layer has
+    the same shapes, so one is enough. The random number generators, the layer's mode and every gradient
+    are left as they were; returns False (nothing done) off a GPU."""
+    param = next(decoder.parameters())
+    if param.device.type != "cuda":
+        return False
+    from .memory import layer_inputs
+
+    layer = decoder.layers[0]
+    was_training, was_ckpt = layer.training, getattr(layer, "gradient_checkpointing", False)
+    layer.gradient_checkpointing = False
+    layer.train()
+    try:
+        with torch.random.fork_rng(devices=[param.device]):
+            for n in tokens:
+                x, kwargs = layer_inputs(decoder, n, param.dtype, param.device, requires_grad=True)
+                out = layer(x, attention_mask=None, **kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                torch.autograd.grad(out, x, grad_outputs=torch.ones_like(out))  # .grad of no parameter changes
+                del x, out, kwargs
+        torch.cuda.synchronize(param.device)
+    finally:
+        layer.gradient_checkpointing = was_ckpt
+        layer.train(was_training)
+    return True

@@ -23,7 +23,7 @@ from ..errors import CheckpointSaveError
 from ..run_dir import is_complete_checkpoint, last_complete_checkpoint, write_failure
 from .callbacks import StepStats
 from .loss import loss_weights, trained_positions_loss
-from .speed import checkpoint_some_layers, decoder_layers, language_decoder
+from .speed import checkpoint_some_layers, decoder_layers, language_decoder, warm_up_kernels
 
 
 class GroupedSampler(Sampler):
@@ -82,6 +82,17 @@ class _CheckpointShare(TrainerCallback):
             if self.share != "auto":
                 print0(f"activation checkpointing on {len(chosen)} of {len(layers)} LLM decoder layers "
                        f"(train.checkpoint_layers={self.share})")
+
+
+class _KernelWarmUp(TrainerCallback):
+    """Before the first step: compile the LLM decoder layer's JIT kernels for the variants a run meets at
+    random (`speed.warm_up_kernels`), so no step in the middle of training waits for a compiler."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def on_train_begin(self, args, state, control, **kw):
+        warm_up_kernels(language_decoder(self.model))
 
 
 class _SamplerEpoch(TrainerCallback):
