@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -261,6 +263,16 @@ def _qwen2_internvl(hidden=896, inter=4864, layers=2):
     return InternVLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
 
 
+def test_warm_up_token_counts_cover_both_residues_of_the_count_and_of_its_share_per_multiprocessor():
+    from internvl_lora.train.speed import warm_up_token_counts
+
+    for sms in (108, 114, 132, 144):
+        counts = warm_up_token_counts(sms)
+        seen = {(n % 16 == 0, math.ceil(n / sms) % 16 == 0) for n in counts}
+        assert seen == {(True, True), (False, True), (True, False), (False, False)}, (sms, counts)
+        assert all(math.ceil(n / sms) > 1 for n in counts)
+
+
 def test_kernel_warm_up_does_nothing_off_a_gpu():
     from internvl_lora.train.speed import language_decoder, warm_up_kernels
 
@@ -317,7 +329,7 @@ def test_after_the_kernel_warm_up_no_token_count_compiles_a_kernel():
         previous = knobs.runtime.jit_post_compile_hook
         knobs.runtime.jit_post_compile_hook = lambda *a, **k: compiled.append(k.get("fn") or a)
         try:
-            for n in (20480, 11041, 3431, 16384, 777, 20475, 64):
+            for n in (20480, 11041, 3431, 16384, 777, 20475, 2112, 1727):
                 step(n)
             torch.cuda.synchronize()
         finally:

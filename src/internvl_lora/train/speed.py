@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -203,14 +204,20 @@ def fused_paths(model, sharded: bool = False, lora: bool = True, kernels: bool =
     return done
 
 
-#: Token counts of the kernel warm-up: a multiple of 16 and one that is not (Triton specialises integer
-#: arguments on that), and few enough tokens that the fused LoRA kernels take their split variant.
-WARM_UP_TOKENS = (2048, 2047)
+def warm_up_token_counts(sms: int) -> tuple[int, ...]:
+    """Token counts of the kernel warm-up on a GPU with `sms` multiprocessors. Triton specialises integer
+    arguments on being a multiple of 16, and kernels that split rows across the multiprocessors (Liger's
+    RMSNorm backward) pass ceil(tokens / sms) too: so a multiple of 16 whose share per multiprocessor is one
+    as well, one whose share is not, and each minus one token. Few enough tokens that the fused LoRA
+    kernels take their split variant."""
+    a = 16 * sms
+    b = 16 * math.ceil(13 * sms / 16)
+    return (a, a - 1, b, b - 1)
 
 
-def warm_up_kernels(decoder, tokens=WARM_UP_TOKENS) -> bool:
+def warm_up_kernels(decoder, tokens: tuple[int, ...] | None = None) -> bool:
     """Run one decoder layer of `decoder` (a transformers decoder model on a GPU: `.layers`, `.rotary_emb`)
-    forward and backward on random inputs of each of `tokens` tokens, so that the JIT-compiled kernels it
+    forward and backward on random inputs of each of `tokens` tokens (default: `warm_up_token_counts`), so that the JIT-compiled kernels it
     uses (Triton: the fused LoRA layers, Liger) are compiled for the variants a run meets at random before
     the first step, not in the middle of training (a stall of 0.1-0.5 s per new variant). Every layer has
     the same shapes, so one is enough. The random number generators, the layer's mode and every gradient
@@ -220,6 +227,8 @@ def warm_up_kernels(decoder, tokens=WARM_UP_TOKENS) -> bool:
         return False
     from .memory import layer_inputs
 
+    if tokens is None:
+        tokens = warm_up_token_counts(torch.cuda.get_device_properties(param.device).multi_processor_count)
     layer = decoder.layers[0]
     was_training, was_ckpt = layer.training, getattr(layer, "gradient_checkpointing", False)
     layer.gradient_checkpointing = False
