@@ -193,7 +193,7 @@ def test_image_gone_under_a_loader_worker_is_one_clean_message(demo, tmp_path, m
 
 def test_throughput_of_a_step_with_a_generation_eval(demo, tmp_path, monkeypatch):
     from internvl_lora.train import train
-    from internvl_lora.train.callbacks import GenerationEval
+    from internvl_lora.train.generation_eval import GenerationEval
 
     eval_seconds = 2.5
 

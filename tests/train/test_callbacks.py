@@ -327,7 +327,7 @@ def test_loss_curve_is_drawn_by_a_child_process_and_its_errors_are_raised(tmp_pa
 
 def test_generation_metric_scores_what_the_model_answers(demo, monkeypatch):
     import internvl_lora.infer as infer
-    from internvl_lora.train.callbacks import GenerationEval, generation_samples
+    from internvl_lora.train.generation_eval import GenerationEval, generation_samples
     from internvl_lora.data.meta import load_meta, read_lines
     from internvl_lora.data.encode import EncodeSettings
     from internvl_lora.internvl.checkpoint import inspect_checkpoint, load_tokenizer

@@ -36,7 +36,8 @@ from ..run_dir import (
     find_resume_checkpoint, fingerprint, last_complete_checkpoint, read_json, resolve_dtype, resume_command,
     run_metadata, save_final, write_json,
 )
-from .callbacks import GenerationEval, LogLine, LossCurve, StepStats, TrainingHealthError, Watchdog, generation_samples
+from .callbacks import LogLine, LossCurve, StepStats, TrainingHealthError, Watchdog
+from .generation_eval import GenerationEval, generation_samples
 from .preference import PreferenceObjective, PreferenceState
 from .speed import backend_switches_restored, register_varlen_attention, speed_options
 from .trainer import (
