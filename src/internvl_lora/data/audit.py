@@ -228,7 +228,7 @@ def _check_range(bounds: tuple[int, int]) -> list:
 
 def _check_in_processes(lines: list[Line], job: _Job, workers: int) -> list:
     """`job.check` over `lines` in forked processes, chunk by chunk, results in line order. Where fork is not
-    available (macOS / Windows default) or the pool cannot start, the lines are checked here."""
+    available (Windows), the lines are checked here. A worker's error (a bug) is raised here."""
     import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor
