@@ -49,6 +49,24 @@ def test_kernels_equal_the_formula_with_their_mask(t, k, r):
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize("t,k", [(1000, 18944), (77, 300), (4999, 4864)])
+def test_grad_a_forming_the_swiglu_itself_equals_it_on_the_written_product(t, k):
+    """The fused MLP's down projection: A's gradient with silu(gate) * up formed inside the kernel equals
+    the kernel on the written-out product (the same rounding: the formula of swiglu_forward)."""
+    torch.manual_seed(0)
+    g = torch.randn(t, k, device="cuda", dtype=torch.bfloat16) * 3
+    u = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
+    gh = torch.randn(t, 16, device="cuda", dtype=torch.bfloat16)
+    x = kernels.swiglu_forward(g, u)
+    want = kernels.lora_a_grad(gh, x, 5, 0.05)
+    got = kernels.lora_a_grad(gh, g, 5, 0.05, up=u)
+    assert close(got, want, 1e-5)  # (float32 partial sums added atomically: their order may differ)
+    with pytest.raises(ValueError):
+        kernels.lora_a_grad(gh, g, 5, 0.05, up=u[:, :-1])
+
+
+@pytest.mark.gpu
+@needs_gpu
 def test_swiglu_kernels_equal_torch():
     torch.manual_seed(0)
     g = torch.randn(700, 1000, device="cuda", dtype=torch.bfloat16) * 3

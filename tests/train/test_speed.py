@@ -335,3 +335,107 @@ def test_after_the_kernel_warm_up_no_token_count_compiles_a_kernel():
         finally:
             knobs.runtime.jit_post_compile_hook = previous
         assert compiled == [], compiled
+
+
+def _autocast_in_layer_norms(module, run):
+    """Whether autocast was on in each LayerNorm of `module` while `run()` ran (on a GPU, autocast runs a
+    LayerNorm in float32 and returns float32)."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(torch.is_autocast_enabled("cpu")))
+             for m in module.modules() if isinstance(m, torch.nn.LayerNorm)]
+    try:
+        out = run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen, out
+
+
+def test_frozen_vision_tower_and_projector_run_in_their_weights_dtype_under_autocast():
+    """Under autocast a LayerNorm returns float32 and every linear layer after it casts back: the frozen
+    vision tower and projector now run in their bf16 weights with autocast off (as a bf16 model without
+    autocast does), the same numbers as calling them outside autocast; the language model keeps autocast."""
+    from internvl_lora.config import PolicyArgs, TrainArgs
+    from internvl_lora.lora.policy import apply_policy
+    from internvl_lora.train.speed import speed_options
+
+    torch.manual_seed(0)
+    model = _qwen2_internvl(hidden=64, inter=128, layers=1)
+    model = apply_policy(model, PolicyArgs(dropout=0.0), "qwen2")
+    base = model.get_base_model().model
+    pixels = torch.randn(2, 3, 448, 448, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = base.get_image_features(pixel_values=pixels)  # bf16 throughout, no autocast
+
+        def under_autocast():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return base.get_image_features(pixel_values=pixels)
+
+        before, _ = _autocast_in_layer_norms(base, under_autocast)
+        assert before and all(before)
+        done = speed_options(model, TrainArgs(fused=False), before_adapters=False)
+        assert "frozen vision_tower (bfloat16), multi_modal_projector (bfloat16) without autocast" in done, done
+        after, out = _autocast_in_layer_norms(base, under_autocast)
+    assert len(after) == len(before) and not any(after)
+    out = out.pooler_output if hasattr(out, "pooler_output") else out
+    expected = expected.pooler_output if hasattr(expected, "pooler_output") else expected
+    assert torch.equal(out, expected)
+    assert type(base.vision_tower).__name__ == "InternVLVisionModel"  # same name, same state dict
+    assert "lm_head" not in str(done)
+    # once only
+    assert not any("vision_tower" in d for d in speed_options(model, TrainArgs(fused=False), before_adapters=False))
+
+
+def test_a_trained_projector_or_float32_weights_keep_autocast():
+    from internvl_lora.train.speed import frozen_towers_in_weight_dtype
+
+    model = _qwen2_internvl(hidden=64, inter=128, layers=1)
+    model.requires_grad_(False)
+    model.model.multi_modal_projector.requires_grad_(True)  # a projector asked to train
+    assert frozen_towers_in_weight_dtype(model) == ["vision_tower (bfloat16)"]
+    assert not hasattr(model.model.multi_modal_projector, "weight_dtype")
+    model32 = _qwen2_internvl(hidden=64, inter=128, layers=1).float().requires_grad_(False)
+    assert frozen_towers_in_weight_dtype(model32) == []
+    peft_vision = _qwen2_internvl(hidden=64, inter=128, layers=1).requires_grad_(False)
+    peft_vision.model.vision_tower.encoder.layer[0].attention.q_proj.weight.requires_grad_(True)
+    assert frozen_towers_in_weight_dtype(peft_vision) == ["multi_modal_projector (bfloat16)"]
+
+
+@pytest.mark.gpu
+def test_packed_attention_keeps_the_key_value_heads_unrepeated():
+    """Grouped-query attention inside the flash kernel: the packed attention's output and gradients equal
+    per-sample SDPA, and nothing it keeps for the backward has the query's head count on the key / value
+    (repeating them kept 7x the key/value size per layer at the 8B shape, ~2 GiB at 5,120 tokens)."""
+    from internvl_lora.train.speed import _varlen_attention
+
+    torch.manual_seed(0)
+    h, kv, d, lens = 28, 4, 128, [700, 300, 1024]
+    t = sum(lens)
+    q = torch.randn(1, h, t, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, kv, t, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, kv, t, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cu = torch.tensor([0, 700, 1000, t], device="cuda", dtype=torch.int32)
+    saved = []
+
+    def pack(x):
+        saved.append(tuple(x.shape))
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out, _ = _varlen_attention(None, q, k, v, None, scaling=d ** -0.5, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                                   max_length_q=max(lens))
+    assert saved.count((t, h, d)) == 2, saved  # the query and the output; the key and value as they came
+    assert saved.count((t, kv, d)) == 2, saved
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    refs = []
+    for a, b in zip(cu.tolist()[:-1], cu.tolist()[1:]):
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, a:b].float(), k[:, :, a:b].float(), v[:, :, a:b].float(), is_causal=True, scale=d ** -0.5,
+            enable_gqa=True)
+        refs.append(o[0].transpose(0, 1))
+    ref = torch.cat(refs).unsqueeze(0)
+    want = torch.autograd.grad(ref, (q, k, v), g.float())
+    assert (out.float() - ref).abs().max() < 2e-2
+    for a, b in zip(got, want):
+        assert (a.float() - b).abs().max() / b.abs().max() < 2e-2

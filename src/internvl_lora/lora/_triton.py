@@ -61,9 +61,13 @@ def forward_kernel(x_ptr, at_ptr, out_ptr, T, K, R, seed, thr, scale, stride_x, 
 
 
 @triton.jit
-def _grad_a_part(acc, gh_t, x_ptr, rows, row_ok, cols, K, stride_x, half, thr):
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < K),
-                other=0.0)
+def _grad_a_part(acc, gh_t, x_ptr, u_ptr, rows, row_ok, cols, K, stride_x, half, thr, SWIGLU: tl.constexpr):
+    ok = row_ok[:, None] & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+    if SWIGLU:  # x is the gate: the input is silu(gate) * up, formed as swiglu_forward_kernel forms it
+        u = tl.load(u_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+        g = x.to(tl.float32)
+        x = (g * tl.sigmoid(g)).to(u.dtype) * u
     x = x * (half >= thr).to(x.dtype)  # (a select on the 1-bit mask would pass it through shared memory)
     return tl.dot(gh_t, x, acc)
 
@@ -79,9 +83,10 @@ def _grad_a_store(out_ptr, acc, ranks, R, cols, K, scale, SPLIT: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["T", "seed", "rows_per_split"])
-def grad_a_kernel(ght_ptr, x_ptr, out_ptr, T, K, R, seed, thr, scale, stride_x, rows_per_split,
-                  BT: tl.constexpr, G: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr):
-    """out[:, block] (+)= scale * gh^T @ (x * keep) over this program's rows; float32 (R x K)."""
+def grad_a_kernel(ght_ptr, x_ptr, u_ptr, out_ptr, T, K, R, seed, thr, scale, stride_x, rows_per_split,
+                  BT: tl.constexpr, G: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr, SWIGLU: tl.constexpr):
+    """out[:, block] (+)= scale * gh^T @ (x * keep) over this program's rows; float32 (R x K). With SWIGLU,
+    x = silu(gate) * up from x_ptr (the gate) and u_ptr (up, the same strides), never written out."""
     kb, pid_s = tl.program_id(0), tl.program_id(1)
     nkb = tl.cdiv(K, 8 * G)
     g = tl.arange(0, G)
@@ -102,14 +107,14 @@ def grad_a_kernel(ght_ptr, x_ptr, out_ptr, T, K, R, seed, thr, scale, stride_x, 
         gh_t = tl.load(ght_ptr + ranks[:, None] * T + rows[None, :], mask=(ranks[:, None] < R) & row_ok[None, :],
                        other=0.0)  # (BR, BT), from the contiguous (R x T) gh^T
         h0, h1, h2, h3, h4, h5, h6, h7 = _halves(seed, (rows[:, None] * nkb + kb) * G + g[None, :])
-        a0 = _grad_a_part(a0, gh_t, x_ptr, rows, row_ok, c, K, stride_x, h0, thr)
-        a1 = _grad_a_part(a1, gh_t, x_ptr, rows, row_ok, c + G, K, stride_x, h1, thr)
-        a2 = _grad_a_part(a2, gh_t, x_ptr, rows, row_ok, c + 2 * G, K, stride_x, h2, thr)
-        a3 = _grad_a_part(a3, gh_t, x_ptr, rows, row_ok, c + 3 * G, K, stride_x, h3, thr)
-        a4 = _grad_a_part(a4, gh_t, x_ptr, rows, row_ok, c + 4 * G, K, stride_x, h4, thr)
-        a5 = _grad_a_part(a5, gh_t, x_ptr, rows, row_ok, c + 5 * G, K, stride_x, h5, thr)
-        a6 = _grad_a_part(a6, gh_t, x_ptr, rows, row_ok, c + 6 * G, K, stride_x, h6, thr)
-        a7 = _grad_a_part(a7, gh_t, x_ptr, rows, row_ok, c + 7 * G, K, stride_x, h7, thr)
+        a0 = _grad_a_part(a0, gh_t, x_ptr, u_ptr, rows, row_ok, c, K, stride_x, h0, thr, SWIGLU)
+        a1 = _grad_a_part(a1, gh_t, x_ptr, u_ptr, rows, row_ok, c + G, K, stride_x, h1, thr, SWIGLU)
+        a2 = _grad_a_part(a2, gh_t, x_ptr, u_ptr, rows, row_ok, c + 2 * G, K, stride_x, h2, thr, SWIGLU)
+        a3 = _grad_a_part(a3, gh_t, x_ptr, u_ptr, rows, row_ok, c + 3 * G, K, stride_x, h3, thr, SWIGLU)
+        a4 = _grad_a_part(a4, gh_t, x_ptr, u_ptr, rows, row_ok, c + 4 * G, K, stride_x, h4, thr, SWIGLU)
+        a5 = _grad_a_part(a5, gh_t, x_ptr, u_ptr, rows, row_ok, c + 5 * G, K, stride_x, h5, thr, SWIGLU)
+        a6 = _grad_a_part(a6, gh_t, x_ptr, u_ptr, rows, row_ok, c + 6 * G, K, stride_x, h6, thr, SWIGLU)
+        a7 = _grad_a_part(a7, gh_t, x_ptr, u_ptr, rows, row_ok, c + 7 * G, K, stride_x, h7, thr, SWIGLU)
     _grad_a_store(out_ptr, a0, ranks, R, c, K, scale, SPLIT)
     _grad_a_store(out_ptr, a1, ranks, R, c + G, K, scale, SPLIT)
     _grad_a_store(out_ptr, a2, ranks, R, c + 2 * G, K, scale, SPLIT)

@@ -79,9 +79,10 @@ def _lora_forward(x2, w, bias, a, b, scale: float, p: float, use_kernels: bool):
     return y, h, (state, mask if state is None else None, None)
 
 
-def _lora_backward(x2, w, a, b, h, g, rng, scale: float, p: float, needs):
+def _lora_backward(x2, w, a, b, h, g, rng, scale: float, p: float, needs, up=None):
     """Gradients (x2, A, B) of `_lora_forward` for the output gradient g (2-D, the compute dtype), in the
-    compute dtype; `needs` says which are wanted."""
+    compute dtype; `needs` says which are wanted. With `up` (the kernels' path only), x2 is a SwiGLU's gate
+    and the layer input was `_swiglu(x2, up)`: the kernel forms it again itself."""
     state, mask, seed = rng
     grad_x = grad_a = grad_b = None
     gh = g @ b  # gradient of h / scale
@@ -92,7 +93,7 @@ def _lora_backward(x2, w, a, b, h, g, rng, scale: float, p: float, needs):
         from . import kernels
 
         if needs[1]:
-            grad_a = kernels.lora_a_grad(gh, x2, seed, p)
+            grad_a = kernels.lora_a_grad(gh, x2, seed, p, up=up)
         if needs[0]:
             grad_x = kernels.lora_input_grad(gh, a, seed, p)  # (gh A) * mask / (1 - p), then + g W inside the matmul
             grad_x.addmm_(g, w)
@@ -184,7 +185,7 @@ class _SwiGLULoraLinear(torch.autograd.Function):
     layer's input, as large as each of them -- is formed again in the backward. One (tokens x
     intermediate) tensor less per decoder layer than the SwiGLU and the down layer as separate nodes.
     Dropout of the down layer's input as in `_LoraLinear` (the same mask in the backward: the product is
-    formed again exactly)."""
+    formed again exactly -- with the Triton kernels inside the kernel for A's gradient, not written out)."""
 
     @staticmethod
     def forward(ctx, gate, up, weight, bias, lora_a, lora_b, scale: float, p: float, dtype, use_kernels: bool = True):
@@ -204,11 +205,14 @@ class _SwiGLULoraLinear(torch.autograd.Function):
     def backward(ctx, grad):
         g2, u2, w, a, b, h, mask = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
-        x2 = _swiglu(g2, u2, ctx.use_kernels)
         rng = (ctx.rng[0], mask, ctx.rng[2])
+        if rng[2] is not None and g2.is_contiguous() and u2.is_contiguous():
+            x2, up = g2, u2  # the dropout kernel forms silu(gate) * up itself: one pass over gate and up less
+        else:
+            x2, up = _swiglu(g2, u2, ctx.use_kernels), None
         needs_x = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_x, grad_a, grad_b = _lora_backward(x2, w, a, b, h, g, rng, ctx.scale, ctx.p,
-                                                (needs_x, ctx.needs_input_grad[4], ctx.needs_input_grad[5]))
+                                                (needs_x, ctx.needs_input_grad[4], ctx.needs_input_grad[5]), up)
         del x2
         grad_gate = grad_up = None
         if needs_x:

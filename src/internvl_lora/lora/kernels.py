@@ -7,7 +7,8 @@ Here the keep-mask is a function of (seed, element index) -- Philox, eight 16-bi
 `_triton`) -- recomputed wherever it is needed, so each kernel reads x once:
 
 - `lora_a_forward(x, A, seed, p, scale)`: scale * (x * keep / (1 - p)) @ A^T, tokens x r, float32;
-- `lora_a_grad(gh, x, seed, p)`: gh^T @ (x * keep / (1 - p)), the gradient of A, r x in, float32;
+- `lora_a_grad(gh, x, seed, p)`: gh^T @ (x * keep / (1 - p)), the gradient of A, r x in, float32 (with
+  `up=`: x = silu(gate) * up formed inside, for the fused MLP's down projection);
 - `lora_input_grad(gh, A, seed, p)`: (gh @ A) * keep / (1 - p), tokens x in, in gh's dtype (the caller
   adds the base layer's input gradient onto it inside the large matmul).
 
@@ -134,9 +135,13 @@ def lora_a_forward(x: torch.Tensor, a: torch.Tensor, seed: int, p: float, scale:
     return out
 
 
-def lora_a_grad(gh: torch.Tensor, x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    """gh^T @ (x * keep / (1 - p)) in float32 (r x in); gh is (tokens x r) in x's dtype."""
+def lora_a_grad(gh: torch.Tensor, x: torch.Tensor, seed: int, p: float, up: torch.Tensor | None = None) -> torch.Tensor:
+    """gh^T @ (x * keep / (1 - p)) in float32 (r x in); gh is (tokens x r) in x's dtype. With `up` (same
+    shape and strides as x), x is a SwiGLU's gate and the input is `swiglu_forward(x, up)`, formed in the
+    kernel and never written out."""
     t, k = x.shape
+    if up is not None and (up.shape != x.shape or up.stride() != x.stride() or up.dtype != x.dtype):
+        raise ValueError(f"lora_a_grad: gate {tuple(x.shape)} {x.stride()} and up {tuple(up.shape)} {up.stride()} differ")
     cfg = _config("grad_a", k)
     r = gh.shape[1]
     ght = gh.t().contiguous()  # (r x tokens): the kernel reads it by rows
@@ -147,8 +152,9 @@ def lora_a_grad(gh: torch.Tensor, x: torch.Tensor, seed: int, p: float) -> torch
     split = _cdiv(t, per)
     out = (torch.zeros if split > 1 else torch.empty)(r, k, dtype=torch.float32, device=x.device)
     _launch("grad_a_kernel", (nkb, split),
-        ght, x, out, t, k, r, seed, threshold(p), keep_scale(p), x.stride(0), per,
-        BT=bt, G=G, BR=_rank_block(r), SPLIT=split > 1, num_warps=cfg["warps"], num_stages=cfg["stages"])
+        ght, x, x if up is None else up, out, t, k, r, seed, threshold(p), keep_scale(p), x.stride(0), per,
+        BT=bt, G=G, BR=_rank_block(r), SPLIT=split > 1, SWIGLU=up is not None, num_warps=cfg["warps"],
+        num_stages=cfg["stages"])
     return out
 
 

@@ -33,7 +33,8 @@ VARLEN = "packed_varlen"
 
 @functools.cache
 def _varlen_supports_gqa() -> bool:
-    """Whether torch's varlen_attn takes `enable_gqa` (torch >= 2.13); asked on first use."""
+    """Whether torch's varlen_attn takes `enable_gqa` (torch >= 2.12, where it must be set for fewer key/value
+    heads than query heads); asked on first use."""
     try:
         import inspect
 
@@ -57,12 +58,11 @@ def _varlen_attention(module, query, key, value, attention_mask, scaling=None, d
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         from torch.nn.attention.varlen import varlen_attn
 
-        gqa = _varlen_supports_gqa()
-        if k.shape[1] != q.shape[1] and not gqa:
-            # Older torch (< 2.13) has no enable_gqa here: repeat the key/value heads.
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-        extra = {"enable_gqa": True} if gqa else {}
+        # The key/value heads go in as they are (grouped-query attention in the flash kernel itself; torch
+        # 2.10 / 2.11 pass them through, 2.12+ want enable_gqa): repeating them to the query heads would cost
+        # two copies per layer and keep both, 7x the key/value size, for the backward (2 GiB at the 8B shape
+        # and 5,120 tokens).
+        extra = {"enable_gqa": True} if k.shape[1] != q.shape[1] and _varlen_supports_gqa() else {}
         out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0), **extra)
     else:  # CPU, or float32 on a GPU (the flash-based varlen kernel takes fp16 / bf16 only): SDPA per sample
         outs = []
@@ -157,6 +157,56 @@ def backend_switches_restored():
         torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
 
 
+FROZEN_TOWERS = ("vision_tower", "multi_modal_projector")
+
+
+@functools.cache
+def _weight_dtype_class(cls):
+    class InWeightDtype(cls):
+        """`cls`, frozen, run in its weights' dtype with autocast off (`frozen_towers_in_weight_dtype`)."""
+
+        def forward(self, *args, **kwargs):
+            dtype = self.weight_dtype
+            device = next(self.parameters()).device.type
+            if not torch.is_autocast_enabled(device):
+                return super().forward(*args, **kwargs)
+
+            def cast(x):
+                return x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x
+
+            with torch.autocast(device, enabled=False):
+                return super().forward(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
+
+    InWeightDtype.__name__ = InWeightDtype.__qualname__ = cls.__name__
+    return InWeightDtype
+
+
+def frozen_towers_in_weight_dtype(model, names=FROZEN_TOWERS) -> list[str]:
+    """Run the frozen submodules called `names` (a vision-language model's vision tower and projector) in
+    their weights' 16-bit dtype with autocast off.
+
+    Under autocast (the Trainer's bf16 / fp16 mixed precision) a LayerNorm runs in float32 and returns
+    float32, so every linear layer after it casts its input back, and float32 layer-scale products follow:
+    about a quarter of a vision transformer layer's time at InternViT-300M's shapes went to such casts. A
+    frozen tower builds no graph and its weights are already 16-bit, so it runs in their dtype, as a model
+    converted to bf16 without autocast does (DeepSpeed's bf16 mode). A module with a trainable parameter
+    (vision LoRA, a trained projector) or float32 / mixed weights keeps autocast. Returns the names changed.
+    """
+    done = []
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] not in names or getattr(module, "weight_dtype", None) is not None:
+            continue
+        params = list(module.parameters())
+        dtypes = {p.dtype for p in params}
+        if not params or any(p.requires_grad for p in params) or len(dtypes) != 1 \
+                or dtypes & {torch.bfloat16, torch.float16} != dtypes:
+            continue
+        module.__class__ = _weight_dtype_class(type(module))
+        module.weight_dtype = dtypes.pop()
+        done.append(f"{name.rsplit('.', 1)[-1]} ({str(module.weight_dtype).removeprefix('torch.')})")
+    return done
+
+
 def speed_options(model, t, before_adapters: bool, sharded: bool = False) -> list[str]:
     """Apply the speed options of the `train` section `t`; called before and after the adapters are injected.
 
@@ -175,6 +225,9 @@ def speed_options(model, t, before_adapters: bool, sharded: bool = False) -> lis
         # shape from step to step; flash and memory-efficient SDPA have no per-shape setup.
         torch.backends.cuda.enable_cudnn_sdp(False)
         done.append("SDPA without cuDNN")
+    towers = frozen_towers_in_weight_dtype(model)
+    if towers:
+        done.append(f"frozen {', '.join(towers)} without autocast")
     if t.fused:
         done += fused_paths(model, sharded)
     return done
