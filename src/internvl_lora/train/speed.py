@@ -211,7 +211,8 @@ def speed_options(model, t, before_adapters: bool, sharded: bool = False) -> lis
     """Apply the speed options of the `train` section `t`; called before and after the adapters are injected.
 
     Before: Liger kernels on the language model. After: on a GPU, SDPA without its cuDNN backend (call
-    inside `backend_switches_restored`); with `train.fused`, the fused paths (`fused_paths`). `sharded`:
+    inside `backend_switches_restored`); frozen vision tower and projector without autocast
+    (`frozen_towers_in_weight_dtype`); with `train.fused`, the fused paths (`fused_paths`). `sharded`:
     the weights are partitioned (ZeRO-3 / FSDP). Returns what was done.
     """
     done = []
@@ -225,7 +226,7 @@ def speed_options(model, t, before_adapters: bool, sharded: bool = False) -> lis
         # shape from step to step; flash and memory-efficient SDPA have no per-shape setup.
         torch.backends.cuda.enable_cudnn_sdp(False)
         done.append("SDPA without cuDNN")
-    towers = frozen_towers_in_weight_dtype(model)
+    towers = [] if sharded else frozen_towers_in_weight_dtype(model)  # (FSDP may keep float32 shards)
     if towers:
         done.append(f"frozen {', '.join(towers)} without autocast")
     if t.fused:
