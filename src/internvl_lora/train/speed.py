@@ -5,6 +5,7 @@
   `varlen_attn` on a GPU, a per-sample SDPA loop elsewhere (the same numbers, slower). A batch without
   sample boundaries (evaluation, generation, padded batches) goes to SDPA with its padding mask.
 - `checkpoint_some_layers` keeps activation checkpointing on a share of the decoder layers.
+- `frozen_towers_in_weight_dtype` runs a frozen vision tower and projector in bf16 with autocast off.
 - `speed_options` applies the `train` section's choices (Liger, `train.fused`); `fused_paths` is the
   fused part with one switch per lever, for benchmarks. `backend_switches_restored` puts back the
   process-wide torch switches that `speed_options` changes.
