@@ -363,6 +363,7 @@ def test_frozen_vision_tower_and_projector_run_in_their_weights_dtype_under_auto
     model = _qwen2_internvl(hidden=64, inter=128, layers=1)
     model = apply_policy(model, PolicyArgs(dropout=0.0), "qwen2")
     base = model.get_base_model().model
+    keys = list(model.state_dict())
     pixels = torch.randn(2, 3, 448, 448, dtype=torch.bfloat16)
     with torch.no_grad():
         expected = base.get_image_features(pixel_values=pixels)  # bf16 throughout, no autocast
@@ -381,6 +382,12 @@ def test_frozen_vision_tower_and_projector_run_in_their_weights_dtype_under_auto
     expected = expected.pooler_output if hasattr(expected, "pooler_output") else expected
     assert torch.equal(out, expected)
     assert type(base.vision_tower).__name__ == "InternVLVisionModel"  # same name, same state dict
+    assert list(model.state_dict()) == keys
+    import copy
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(copy.deepcopy(base.multi_modal_projector)))
+    assert clone.weight_dtype == torch.bfloat16 and isinstance(clone, type(base.multi_modal_projector))
     assert "lm_head" not in str(done)
     # once only
     assert not any("vision_tower" in d for d in speed_options(model, TrainArgs(fused=False), before_adapters=False))

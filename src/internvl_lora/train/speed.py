@@ -178,8 +178,18 @@ def _weight_dtype_class(cls):
             with torch.autocast(device, enabled=False):
                 return super().forward(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
 
+        def __reduce__(self):  # (a class made at run time: pickled as `cls` and made again on loading)
+            return _restore_in_weight_dtype, (cls, self.__getstate__())
+
     InWeightDtype.__name__ = InWeightDtype.__qualname__ = cls.__name__
     return InWeightDtype
+
+
+def _restore_in_weight_dtype(cls, state):
+    module = cls.__new__(cls)
+    module.__setstate__(state)
+    module.__class__ = _weight_dtype_class(cls)
+    return module
 
 
 def frozen_towers_in_weight_dtype(model, names=FROZEN_TOWERS) -> list[str]:
