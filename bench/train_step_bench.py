@@ -15,7 +15,8 @@ Model FLOPs per step (the naive script's formula, so ratios compare like with li
        N_llm = matmul weights incl. lm_head; plus causal attention 3 * 2 * L * d * s^2 per sample;
   ViT (frozen, forward only): tiles * (2 * N_vit * 1025 + 4 * L_v * d_v * 1025^2).
 Work we skip (logits of untrained positions, padding) still counts as model FLOPs, as in MFU.
-Prints one JSON line per configuration.
+Prints one JSON line per configuration; on a GPU each line also carries the card's dense bf16 matmul rate,
+measured once at the start of the process (bench/matmul_rate.py), and the model FLOP rate as a share of it.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ from internvl_lora.train.speed import decoder_layers, fused_paths, register_varl
 from internvl_lora.train.trainer import InternVLTrainer, _CheckpointShare, training_arguments  # noqa: E402
 
 VIT_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=448, patch_size=14)
-PEAK_TFLOPS = 790.0
 
 
 class Synthetic(torch.utils.data.Dataset):
@@ -283,7 +283,7 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
     return dict(size=size, mode=mode, bs=bs, token_budget=budget, grad_ckpt=ckpt, liger=liger, fused_lora=fused,
                 compile=compile, chunked_loss=chunked, grad_accum=accum, lora_dropout=dropout, max_grad_norm=max_grad_norm, steps=len(timed), options=done,
                 real_tokens_per_s=round(real / dt), samples_per_s=round(sum(len(g) for g in timed) / dt, 2),
-                model_tflops=round(flops / dt / 1e12, 1), pct_of_peak=round(100 * flops / dt / 1e12 / PEAK_TFLOPS, 1),
+                model_tflops=round(flops / dt / 1e12, 1),
                 peak_gib=round(peak, 1), **extra)
 
 class Timeline(TrainerCallback):
@@ -352,6 +352,11 @@ if __name__ == "__main__":
             for m in a.modes.split(",") for c in a.ckpt.split(",") for lg in a.liger.split(",")
             for f in a.fused.split(",") for cp in a.compile.split(",") for b in a.budget.split(",")
             for ch in a.chunked.split(",")]
+    rate = None
+    if torch.cuda.is_available():
+        from matmul_rate import matmul_tflops  # bench/matmul_rate.py, next to this script
+
+        rate = round(matmul_tflops())
     for k, (s, m, c, lg, f, cp, b, ch) in enumerate(grid):
         try:
             r = run(s, m, a.bs, a.steps, a.max_tiles, c, bool(lg), a.out, dropout=a.dropout, fused=bool(f),
@@ -362,6 +367,8 @@ if __name__ == "__main__":
         except Exception as e:  # one failing configuration must not hide the others
             r = dict(size=s, mode=m, grad_ckpt=c, liger=lg, fused_lora=f, compile=cp, token_budget=b, chunked_loss=ch,
                      error=repr(e)[:600])
+        if rate and "model_tflops" in r:  # the issue's reference: the card's dense bf16 matmul rate, this process
+            r.update(matmul_tflops=rate, pct_of_matmul=round(100 * r["model_tflops"] / rate, 1))
         print(json.dumps(r), flush=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
