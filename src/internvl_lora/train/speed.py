@@ -60,9 +60,9 @@ def _varlen_attention(module, query, key, value, attention_mask, scaling=None, d
         from torch.nn.attention.varlen import varlen_attn
 
         # The key/value heads go in as they are (grouped-query attention in the flash kernel itself; torch
-        # 2.10 / 2.11 pass them through, 2.12+ want enable_gqa): repeating them to the query heads would cost
-        # two copies per layer and keep both, 7x the key/value size, for the backward (2 GiB at the 8B shape
-        # and 5,120 tokens).
+        # 2.10 / 2.11 pass them through, 2.12+ want enable_gqa): repeating them to the query heads cost two
+        # copies per layer, and both copies (heads / kv heads times the key/value size) were kept for the
+        # backward.
         extra = {"enable_gqa": True} if k.shape[1] != q.shape[1] and _varlen_supports_gqa() else {}
         out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0), **extra)
     else:  # CPU, or float32 on a GPU (the flash-based varlen kernel takes fp16 / bf16 only): SDPA per sample
@@ -198,7 +198,7 @@ def frozen_towers_in_weight_dtype(model, names=FROZEN_TOWERS) -> list[str]:
 
     Under autocast (the Trainer's bf16 / fp16 mixed precision) a LayerNorm runs in float32 and returns
     float32, so every linear layer after it casts its input back, and float32 layer-scale products follow:
-    about a quarter of a vision transformer layer's time at InternViT-300M's shapes went to such casts. A
+    30 % of the vision tower's kernel time in a measured 8B-shape step (docs/benchmarks.md). A
     frozen tower builds no graph and its weights are already 16-bit, so it runs in their dtype, as a model
     converted to bf16 without autocast does (DeepSpeed's bf16 mode). A module with a trainable parameter
     (vision LoRA, a trained projector) or float32 / mixed weights keeps autocast. Returns the names changed.
