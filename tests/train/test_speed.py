@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -297,7 +298,7 @@ def test_after_the_kernel_warm_up_no_token_count_compiles_a_kernel():
     from internvl_lora.train.speed import (
         backend_switches_restored, language_decoder, register_varlen_attention, speed_options, warm_up_kernels,
     )
-    from internvl_lora.train.memory import layer_inputs
+    from internvl_lora.train.memory import layer_inputs, training_autocast
 
     model = _qwen2_internvl().cuda()
     model.set_attn_implementation({"text_config": register_varlen_attention()})
@@ -311,9 +312,10 @@ def test_after_the_kernel_warm_up_no_token_count_compiles_a_kernel():
         decoder = language_decoder(model)
         layer = decoder.layers[0]
 
-        def step(n):
+        def step(n):  # as a training step runs the layer: under the Trainer's bf16 autocast
             x, kw = layer_inputs(decoder, n, torch.bfloat16, "cuda", requires_grad=True)
-            out = layer(x, attention_mask=None, **kw)
+            with training_autocast(x):
+                out = layer(x, attention_mask=None, **kw)
             out = out[0] if isinstance(out, tuple) else out
             out.float().pow(2).mean().backward()
 
@@ -446,3 +448,30 @@ def test_packed_attention_keeps_the_key_value_heads_unrepeated():
     assert (out.float() - ref).abs().max() < 2e-2
     for a, b in zip(got, want):
         assert (a.float() - b).abs().max() / b.abs().max() < 2e-2
+
+
+def test_a_layer_run_under_the_training_autocast_takes_the_fused_lora_path(monkeypatch):
+    """PEFT keeps the adapters in float32 on a bf16 base; the fused LoRA layers (and their Triton kernels on a
+    GPU) run them only under autocast, as a training step does. The kernel warm-up runs its layer under the
+    same autocast (`memory.training_autocast`); without it, it warmed up PEFT's path instead of the kernels."""
+    from internvl_lora.config import PolicyArgs
+    from internvl_lora.lora import fused
+    from internvl_lora.lora.fused import fuse_lora_layers
+    from internvl_lora.lora.policy import apply_policy
+    from internvl_lora.train.memory import layer_inputs, training_autocast
+    from internvl_lora.train.speed import language_decoder
+
+    model = apply_policy(_qwen2_internvl(hidden=64, inter=128, layers=1), PolicyArgs(dropout=0.05), "qwen2")
+    assert fuse_lora_layers(model) == 7
+    calls = []
+    real = fused._LoraLinear.apply
+    monkeypatch.setattr(fused._LoraLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    decoder = language_decoder(model)
+    layer = decoder.layers[0].train()
+    x, kw = layer_inputs(decoder, 24, torch.bfloat16, "cpu", requires_grad=True)
+    layer(x, attention_mask=None, **kw)
+    assert calls == []  # outside autocast: PEFT's forward
+    with training_autocast(x):
+        layer(x, attention_mask=None, **kw)
+    assert len(calls) == 7  # q, k, v, o, gate, up, down
+    assert isinstance(training_autocast(x.float()), contextlib.nullcontext)

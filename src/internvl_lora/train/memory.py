@@ -18,6 +18,7 @@ to InternVL.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +101,16 @@ def _inputs(rotary, hidden_size: int, n: int, dtype, device, requires_grad: bool
     cu = torch.tensor([0, n], device=device, dtype=torch.int32)
     return x, {"position_ids": position_ids, "position_embeddings": rotary(x, position_ids),
                "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": n, "max_length_k": n}
+
+
+def training_autocast(param: torch.Tensor):
+    """The autocast a step of a 16-bit model runs under (the Trainer's bf16 / fp16 mixed precision: the
+    weights' dtype), or none for a float32 model. A layer run outside a step (the kernel warm-up) runs
+    under it to take the path a step takes: PEFT keeps float32 adapters on a 16-bit base, and the fused
+    LoRA layers run those only under autocast (PEFT's own forward otherwise)."""
+    if param.dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(param.device.type, dtype=param.dtype)
+    return contextlib.nullcontext()
 
 
 def layer_inputs(decoder, n: int, dtype, device, requires_grad: bool = False):

@@ -285,12 +285,14 @@ def warm_up_kernels(decoder, tokens: tuple[int, ...] | None = None) -> bool:
     forward and backward on random inputs of each of `tokens` tokens (default: `warm_up_token_counts`), so that the JIT-compiled kernels it
     uses (Triton: the fused LoRA layers, Liger) are compiled for the variants a run meets at random before
     the first step, not in the middle of training (a stall of 0.1-0.5 s per new variant). Every layer has
-    the same shapes, so one is enough. The random number generators, the layer's mode and every gradient
-    are left as they were; returns False (nothing done) off a GPU."""
+    the same shapes, so one is enough. It runs under the autocast of a training step (`memory.training_autocast`):
+    without it, float32 adapters on a 16-bit base take PEFT's forward, not the fused LoRA kernels. The random
+    number generators, the layer's mode and every gradient are left as they were; returns False (nothing
+    done) off a GPU."""
     param = next(decoder.parameters())
     if param.device.type != "cuda":
         return False
-    from .memory import layer_inputs
+    from .memory import layer_inputs, training_autocast
 
     if tokens is None:
         tokens = warm_up_token_counts(torch.cuda.get_device_properties(param.device).multi_processor_count)
@@ -299,7 +301,7 @@ def warm_up_kernels(decoder, tokens: tuple[int, ...] | None = None) -> bool:
     layer.gradient_checkpointing = False
     layer.train()
     try:
-        with torch.random.fork_rng(devices=[param.device]):
+        with torch.random.fork_rng(devices=[param.device]), training_autocast(param):  # a step's path
             for n in tokens:
                 x, kwargs = layer_inputs(decoder, n, param.dtype, param.device, requires_grad=True)
                 out = layer(x, attention_mask=None, **kwargs)
