@@ -10,7 +10,10 @@ then picks the smallest number of recomputed layers whose estimate fits the free
 (the optimizer's state, the loss's logits chunks and the vision tower's transient memory). The estimate
 errs high: 13 % above a plain Qwen2 stack's measured activations, and at the 8B shape with the fused
 paths the measured peaks imply about 40 % of what the probe reports (docs/benchmarks.md, "Long samples");
-so `auto` can recompute more layers than needed, not fewer.
+so `auto` can recompute more layers than needed, not fewer. The likely cause: the probe runs outside
+autocast, where PEFT's float32 adapters on a 16-bit base take PEFT's own forward (a float32 copy of the
+input, a dropped copy and a mask per projection) instead of the fused path a step takes
+(`training_autocast`); probing under it needs a GPU run to confirm the plan still fits before it changes.
 
 Generic: a transformers decoder-only language model (its layers and rotary embedding), nothing specific
 to InternVL.
