@@ -390,7 +390,6 @@ def test_frozen_vision_tower_and_projector_run_in_their_weights_dtype_under_auto
 
     clone = pickle.loads(pickle.dumps(copy.deepcopy(base.multi_modal_projector)))
     assert clone.weight_dtype == torch.bfloat16 and isinstance(clone, type(base.multi_modal_projector))
-    assert "lm_head" not in str(done)
     # once only
     assert not any("vision_tower" in d for d in speed_options(model, TrainArgs(fused=False), before_adapters=False))
 

@@ -209,8 +209,7 @@ def frozen_towers_in_weight_dtype(model, names=FROZEN_TOWERS) -> list[str]:
             continue
         params = list(module.parameters())
         dtypes = {p.dtype for p in params}
-        if not params or any(p.requires_grad for p in params) or len(dtypes) != 1 \
-                or dtypes & {torch.bfloat16, torch.float16} != dtypes:
+        if not params or any(p.requires_grad for p in params) or dtypes not in ({torch.bfloat16}, {torch.float16}):
             continue
         module.__class__ = _weight_dtype_class(type(module))
         module.weight_dtype = dtypes.pop()
