@@ -85,3 +85,77 @@ def test_measured_bytes_per_token_predict_the_stack_of_layers():
     print(f"kept per token per layer {kept:.0f} B; stack: predicted {predicted / 2**20:.1f} MiB, measured "
           f"{measured / 2**20:.1f} MiB")
     assert measured <= predicted <= 1.25 * measured, (predicted, measured)
+
+
+def test_the_probe_runs_the_layer_under_the_training_steps_autocast(monkeypatch):
+    """The probe measures the path a step takes: under the Trainer's bf16 autocast (where the fused LoRA
+    layers run PEFT's float32 adapters). Outside it, it measured PEFT's own forward and its float32 copies
+    (372 KiB per token and layer at the 8B shape). CUDA's memory counters are stood in for on the CPU."""
+    from transformers import Qwen2Config, Qwen2Model
+
+    from internvl_lora.train import memory
+
+    cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100)
+    model = Qwen2Model(cfg).to(torch.bfloat16)
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x, **kw):
+            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            return model.layers[0](x, **kw)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 0)
+    memory.layer_bytes_per_token(Probe(), model.rotary_emb, cfg.hidden_size, torch.bfloat16, "cpu", tokens=(8, 24))
+    assert seen == [(True, torch.bfloat16)] * 4
+    assert not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.gpu
+def test_the_probe_of_a_fused_lora_layer_bounds_the_stack_it_plans_for():
+    """On a GPU, with our training path (fused LoRA layers with PEFT's float32 adapters, Liger, packed
+    attention, bf16 autocast): the probe's bytes per token times the layers bound what the whole decoder
+    stack keeps for its backward, from above and within 25 %. Outside autocast the probe read the
+    memory of PEFT's own forward instead (2.7x at the 8B shape)."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    from internvl_lora.config import PolicyArgs, TrainArgs
+    from internvl_lora.lora.policy import apply_policy
+    from internvl_lora.train.memory import layer_bytes_per_token, layer_inputs, training_autocast
+    from internvl_lora.train.speed import (
+        backend_switches_restored, language_decoder, register_varlen_attention, speed_options,
+    )
+
+    vit = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, image_size=448,
+               patch_size=14)
+    text = dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=6,
+                num_attention_heads=14, num_key_value_heads=2, vocab_size=2048, max_position_embeddings=32768)
+    cfg = InternVLConfig(vision_config=vit, text_config=text, image_token_id=1000)
+    model = InternVLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
+    model = model.cuda()
+    model.set_attn_implementation({"text_config": register_varlen_attention()})
+    t = TrainArgs(liger=True, fused=True)
+    with backend_switches_restored():
+        speed_options(model, t, before_adapters=True)
+        model = apply_policy(model, PolicyArgs(dropout=0.05), "qwen2")
+        done = speed_options(model, t, before_adapters=False)
+        assert any(d.startswith("fused LoRA layers") for d in done), done
+        model.train()
+        decoder = language_decoder(model)
+        kept = layer_bytes_per_token(decoder.layers[0], decoder.rotary_emb, 896, torch.bfloat16, "cuda")
+        n = 8192
+        x, kw = layer_inputs(decoder, n, torch.bfloat16, "cuda", requires_grad=True)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        with training_autocast(x):
+            h = x
+            for layer in decoder.layers:
+                h = layer(h, attention_mask=None, **kw)
+                h = h[0] if isinstance(h, tuple) else h
+        torch.cuda.synchronize()
+        measured = torch.cuda.memory_allocated() - before - h.numel() * h.element_size()
+    predicted = kept * n * len(decoder.layers)
+    print(f"kept per token per layer {kept / 1024:.1f} KiB; stack: predicted {predicted / 2**20:.1f} MiB, "
+          f"measured {measured / 2**20:.1f} MiB")
+    assert measured <= predicted <= 1.25 * measured, (predicted, measured)

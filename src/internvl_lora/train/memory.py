@@ -7,13 +7,12 @@ backward pass, one layer's activations at a time. `layer_bytes_per_token` measur
 by running one real decoder layer (with the run's adapters, fused paths and attention) on two token
 counts: the difference is what a token costs, whatever kernels the layer uses. `plan_checkpointed_layers`
 then picks the smallest number of recomputed layers whose estimate fits the free memory less a reserve
-(the optimizer's state, the loss's logits chunks and the vision tower's transient memory). The estimate
-errs high: 13 % above a plain Qwen2 stack's measured activations, and at the 8B shape with the fused
-paths the measured peaks imply about 40 % of what the probe reports (docs/benchmarks.md, "Long samples");
-so `auto` can recompute more layers than needed, not fewer. The likely cause: the probe runs outside
-autocast, where PEFT's float32 adapters on a 16-bit base take PEFT's own forward (a float32 copy of the
-input, a dropped copy and a mask per projection) instead of the fused path a step takes
-(`training_autocast`); probing under it needs a GPU run to confirm the plan still fits before it changes.
+(the optimizer's state, the loss's logits chunks and the vision tower's transient memory). The probe runs
+under the step's autocast (`training_autocast`): outside it, PEFT's float32 adapters on a 16-bit base take
+PEFT's own forward (a float32 copy of the input, a dropped copy and a mask per projection) instead of the
+fused path a step takes, and the probe read 2.7x what the layer keeps at the 8B shape. The estimate errs
+high (13 % above a plain Qwen2 stack's measured activations): `auto` may recompute more layers than
+needed, not fewer.
 
 Generic: a transformers decoder-only language model (its layers and rotary embedding), nothing specific
 to InternVL.
@@ -86,7 +85,8 @@ def layer_bytes_per_token(layer, rotary, hidden_size: int, dtype: torch.dtype, d
             x, kwargs = _inputs(rotary, hidden_size, n, dtype, device, requires_grad=True)
             torch.cuda.synchronize(device)
             before = torch.cuda.memory_allocated(device)
-            out = layer(x, attention_mask=None, **kwargs)
+            with training_autocast(x):  # the path (and the memory) of a training step
+                out = layer(x, attention_mask=None, **kwargs)
             torch.cuda.synchronize(device)
             kept.append(torch.cuda.memory_allocated(device) - before)
             del out, x, kwargs
