@@ -44,6 +44,7 @@ from naive_lora_step import IMG_TOKEN, LLM, model_flops, samples  # noqa: E402
 from internvl_lora.config import DataArgs, PolicyArgs, RunConfig, TrainArgs  # noqa: E402
 from internvl_lora.data.batching import TokenBudgetBatchSampler  # noqa: E402
 from internvl_lora.data.collate import PackedCollator, PadCollator  # noqa: E402
+from internvl_lora.internvl.embed import image_tokens_checked_on_the_gpu  # noqa: E402
 from internvl_lora.lora.policy import apply_policy  # noqa: E402
 from internvl_lora.train.speed import decoder_layers, fused_paths, register_varlen_attention, speed_options  # noqa: E402
 from internvl_lora.train.trainer import InternVLTrainer, _CheckpointShare, training_arguments  # noqa: E402
@@ -189,7 +190,7 @@ def timed_trainer(phases: Phases, timer):
 
 def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropout=0.05, fused=True, compile=False,
         budget=0, profile=False, chunked=True, phases=False, accum=1, timeline=0, sync_debug=False, max_grad_norm=1.0,
-        cudnn_sdpa=False, lora_kernels=True, fused_mlp=True, items=None, nosync=False):
+        cudnn_sdpa=False, lora_kernels=True, fused_mlp=True, items=None):
     """ckpt: share of the LLM decoder layers recomputed (0 = no activation checkpointing, 1 = all, "auto" =
     planned from the free memory as train.checkpoint_layers=auto).
     items: (ids, labels, tiles) samples to train on instead of the synthetic draws (with a token budget;
@@ -213,6 +214,8 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
     done = speed_options(model, t, before_adapters=True)
     model = apply_policy(model, PolicyArgs(dropout=dropout), "qwen2")
     done += speed_options(model, t, before_adapters=False)
+    if image_tokens_checked_on_the_gpu(model):  # as the training command
+        done.append("image tokens checked on the GPU")
     if compile:  # an experiment of the benchmark only: torch.compile each decoder layer (no fused LoRA then)
         layers = decoder_layers(model)
         for layer in layers:
@@ -253,8 +256,6 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
     collator = PackedCollator() if packed else PadCollator(0)
     ph = Phases() if phases else None
     trainer_cls = InternVLTrainer
-    if nosync:  # experiment (A/B): the two host-device syncs at the start of the LLM, skipped
-        trainer_cls = _no_sync_trainer(model)
     if ph is not None:
         base = model.get_base_model()
         ph.hook(base.model.vision_tower, "vision_ms")
@@ -287,26 +288,6 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
                 real_tokens_per_s=round(real / dt), samples_per_s=round(sum(len(g) for g in timed) / dt, 2),
                 model_tflops=round(flops / dt / 1e12, 1),
                 peak_gib=round(peak, 1), **extra)
-
-def _no_sync_trainer(model):
-    """A/B experiment: transformers' placeholder count check (an .item()) and its packed-sequence detection
-    from position_ids (a .all() read on the host) skipped, to measure what the two syncs cost."""
-    inner = model.get_base_model().model
-
-    class NoCheck(type(inner)):
-        def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
-            return (input_ids == self.config.image_token_id).unsqueeze(-1)
-
-    inner.__class__ = NoCheck
-
-    class NoSyncTrainer(InternVLTrainer):
-        def compute_loss(self, model, inputs, *a, **k):
-            if "cu_seq_lens_q" in inputs and "attention_mask" not in inputs:
-                inputs = {**inputs, "attention_mask": {"full_attention": None}}
-            return super().compute_loss(model, inputs, *a, **k)
-
-    return NoSyncTrainer
-
 
 class Timeline(TrainerCallback):
     """CUDA-only torch.profiler over `steps` steps after the warm-up (no CPU events, no Python stacks, so
@@ -362,7 +343,6 @@ if __name__ == "__main__":
     ap.add_argument("--fused-mlp", type=int, default=1, help="with --fused 1: fused SwiGLU MLPs (0/1; part of train.fused)")
     ap.add_argument("--kernel-config", default="", help="JSON {G, config} for internvl_lora.lora.kernels (the last line of lora_layer_bench.py --sweep)")
     ap.add_argument("--cudnn-sdpa", action="store_true", help="keep SDPA's cuDNN backend on (A/B)")
-    ap.add_argument("--nosync", type=int, default=0, help="A/B: skip transformers' two host-device syncs at the start of the LLM")
     ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (the recipe's 0.05)")
     a = ap.parse_args()
     if a.kernel_config:
@@ -386,7 +366,7 @@ if __name__ == "__main__":
                     compile=bool(cp), budget=b, profile=a.profile and k == 0, chunked=bool(ch), phases=a.phases, accum=a.accum,
                     timeline=a.timeline if k == 0 else 0, sync_debug=a.sync_debug and k == 0,
                     max_grad_norm=a.max_grad_norm, cudnn_sdpa=a.cudnn_sdpa, lora_kernels=bool(a.lora_kernels),
-                    fused_mlp=bool(a.fused_mlp), nosync=bool(a.nosync))
+                    fused_mlp=bool(a.fused_mlp))
         except Exception as e:  # one failing configuration must not hide the others
             r = dict(size=s, mode=m, grad_ckpt=c, liger=lg, fused_lora=f, compile=cp, token_budget=b, chunked_loss=ch,
                      error=repr(e)[:600])

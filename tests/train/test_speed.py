@@ -474,3 +474,79 @@ def test_a_layer_run_under_the_training_autocast_takes_the_fused_lora_path(monke
         layer(x, attention_mask=None, **kw)
     assert len(calls) == 7  # q, k, v, o, gate, up, down
     assert isinstance(training_autocast(x.float()), contextlib.nullcontext)
+
+
+def test_packed_rows_skip_transformers_mask_preparation_with_the_same_numbers(tiny_items, monkeypatch):
+    """Packed rows reach the language model with an empty 4-D mask, which transformers passes through:
+    its mask preparation, which reads a packed-sample test back to the host (a sync every forward), is
+    not run. Same loss and gradients as without; padded batches still get their padding mask."""
+    import transformers.masking_utils as mu
+
+    from internvl_lora.train.speed import packed_rows_without_mask_preparation
+
+    d, tok, items = tiny_items
+    batch = PackedCollator()(items)
+    n = sum((it["labels"][1:] != -100).sum() for it in items)
+    results = []
+    for hooked in (False, True):
+        model = load_model(d / "model").train()
+        model.set_attn_implementation({"text_config": register_varlen_attention()})
+        if hooked:
+            assert packed_rows_without_mask_preparation(model)
+            assert packed_rows_without_mask_preparation(model)  # once only
+            assert len(model.model.language_model._forward_pre_hooks) == 1
+            calls = []
+            real = mu.find_packed_sequence_indices
+            monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda *a: calls.append(1) or real(*a))
+        loss = trained_positions_loss(model, batch, n)
+        loss.backward()
+        results.append((loss.detach(), model.model.language_model.layers[0].self_attn.q_proj.weight.grad.clone()))
+        if hooked:
+            assert calls == []
+            sdpa = load_model(d / "model").eval()
+            padded = PadCollator(tok.pad_token_id)(items[:3])
+            with torch.no_grad():
+                a = sdpa(**padded, use_cache=False).logits
+                b = model.eval()(**padded, use_cache=False).logits
+            keep = padded["attention_mask"].bool()
+            assert torch.allclose(a[keep], b[keep], rtol=1e-5, atol=1e-5)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_packed_rows_keep_the_mask_preparation_without_varlen_attention(tiny_items):
+    """A model without the packed attention (e.g. SDPA) needs transformers' packed-sample mask: left alone."""
+    from internvl_lora.train.speed import packed_rows_without_mask_preparation
+
+    d, _, _ = tiny_items
+    model = load_model(d / "model")
+    assert not packed_rows_without_mask_preparation(model)
+    assert not model.model.language_model._forward_pre_hooks
+
+
+@pytest.mark.gpu
+def test_a_packed_training_step_never_stops_the_host(tiny_items):
+    """On a GPU, forward and backward of a packed batch queue their work without waiting for the GPU (torch's
+    sync debug mode raises at any synchronizing call): before, transformers read the image-token count and
+    its packed-sample test back to the host in every forward."""
+    from internvl_lora.data.collate import trained_positions
+    from internvl_lora.internvl.embed import image_tokens_checked_on_the_gpu
+    from internvl_lora.train.speed import packed_rows_without_mask_preparation
+
+    d, _, items = tiny_items
+    model = load_model(d / "model", dtype=torch.bfloat16).cuda().train()
+    model.set_attn_implementation({"text_config": register_varlen_attention()})
+    assert packed_rows_without_mask_preparation(model) and image_tokens_checked_on_the_gpu(model)
+    batch = PackedCollator()(items)
+    batch["trained_positions"] = trained_positions(batch["labels"])  # as `collate.HostSide` adds it
+    n = torch.tensor(float((batch["labels"][:, 1:] != -100).sum()))
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    n = n.cuda()
+    for _ in range(2):  # the first step may set things up (allocator, kernels)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = trained_positions_loss(model, batch, n)
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss).item()

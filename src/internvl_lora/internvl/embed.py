@@ -4,9 +4,13 @@ A preference pair's two answers share the question's images: `embed_with_tiles` 
 (and projector) once per tile and fills the k-th image block of the batch with the features of tile
 `tile_index[k]`, so a tile used by both answers is encoded once, and the gradient of both uses flows
 back to it. The model is then called with `inputs_embeds` (its own image path is not used).
+
+`image_tokens_checked_on_the_gpu` keeps the model's own image path from stopping the host in training.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -61,3 +65,46 @@ def embed_with_tiles(model, input_ids: torch.Tensor, pixel_values: torch.Tensor 
         blank = torch.zeros(1, 3, size, size, device=embeds.device, dtype=embeds.dtype)
         embeds = embeds + image_features(model, blank).sum() * 0.0
     return embeds, features
+
+
+def image_tokens_checked_on_the_gpu(model) -> bool:
+    """Training: the InternVL model checks that a batch's image tokens match its image features on the GPU
+    (`torch._assert_async`) instead of reading the token count back to the host. transformers' check
+    (`get_placeholder_mask`) does the latter: every forward, the host waited there for the vision tower
+    to finish before it could queue the language model, the GPU idle meanwhile. A mismatch still stops
+    the step (a device-side assert on a GPU, the message on a CPU); our collators make the counts match
+    by construction. Same module otherwise (name, state dict; pickles). Returns whether it applies."""
+    inner = internvl_model(model).model
+    if not hasattr(inner, "get_placeholder_mask"):
+        return False
+    if not getattr(inner, "_image_tokens_checked_on_the_gpu", False):
+        inner.__class__ = _checked_on_the_gpu(type(inner))
+    return True
+
+
+@functools.cache
+def _checked_on_the_gpu(cls):
+    class CheckedOnTheGpu(cls):
+        _image_tokens_checked_on_the_gpu = True
+
+        def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
+            if input_ids is None:  # image tokens found by their embedding: the library's own way
+                return super().get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds,
+                                                    image_features=image_features)
+            mask = input_ids == self.config.image_token_id
+            torch._assert_async(mask.sum() * inputs_embeds.shape[-1] == image_features.numel(),
+                                "image tokens and image features do not match")
+            return mask.unsqueeze(-1).to(inputs_embeds.device)
+
+        def __reduce__(self):  # (a class made at run time: pickled as `cls` and made again on loading)
+            return _restore_checked_on_the_gpu, (cls, self.__getstate__())
+
+    CheckedOnTheGpu.__name__ = CheckedOnTheGpu.__qualname__ = cls.__name__
+    return CheckedOnTheGpu
+
+
+def _restore_checked_on_the_gpu(cls, state):
+    module = cls.__new__(cls)
+    module.__setstate__(state)
+    module.__class__ = _checked_on_the_gpu(cls)
+    return module

@@ -30,6 +30,7 @@ from ..data.meta import load_meta
 from ..distributed import is_main, print0, world_size
 from ..errors import CheckpointSaveError, UserError
 from ..internvl.checkpoint import CheckpointInfo, inspect_checkpoint, load_model, load_tokenizer
+from ..internvl.embed import image_tokens_checked_on_the_gpu
 from ..lora.policy import MUTATING_INITS, apply_policy, format_table, is_peft, save_initial_adapter, trainable_table
 from ..run_dir import (
     INIT_ADAPTER, RUN_META, check_output_dir, check_resume_compatible, check_resume_state, clear_earlier_run, earlier_run,
@@ -196,6 +197,8 @@ def _train(cfg: RunConfig) -> Path:
     speed = speed_options(model, t, before_adapters=True, sharded=sharded)
     model = apply_policy(model, cfg.policy, info.llm_type)
     speed += speed_options(model, t, before_adapters=False, sharded=sharded)
+    if image_tokens_checked_on_the_gpu(model):
+        speed.append("image tokens checked on the GPU (no host sync)")
     if speed:
         print0("speed options: " + "; ".join(speed))
     init_dir = None

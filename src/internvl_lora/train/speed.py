@@ -4,6 +4,7 @@
   `AttentionInterface`: it attends within each packed sample only -- torch's flash-based
   `varlen_attn` on a GPU, a per-sample SDPA loop elsewhere (the same numbers, slower). A batch without
   sample boundaries (evaluation, generation, padded batches) goes to SDPA with its padding mask.
+- `packed_rows_without_mask_preparation` spares packed rows transformers' mask preparation (a host sync).
 - `checkpoint_some_layers` keeps activation checkpointing on a share of the decoder layers.
 - `frozen_towers_in_weight_dtype` runs a frozen vision tower and projector in bf16 with autocast off.
 - `speed_options` applies the `train` section's choices (Liger, `train.fused`); `fused_paths` is the
@@ -95,6 +96,27 @@ def register_varlen_attention() -> str:
     AttentionInterface.register(VARLEN, _varlen_attention)
     AttentionMaskInterface.register(VARLEN, _varlen_mask)
     return VARLEN
+
+
+def packed_rows_without_mask_preparation(model) -> bool:
+    """With `VARLEN` attention, give packed rows (boundaries in `cu_seq_lens_q`, no attention mask) an empty
+    4-D mask on their way into the language model; transformers returns a 4-D mask as it is instead of
+    preparing one. Its preparation looks for packed samples in the position ids and reads the answer
+    back on the host: a synchronization in every forward, the host waiting for the vision tower before
+    it can queue the first decoder layer, the GPU idle meanwhile. `VARLEN` takes the boundaries of packed
+    rows from `cu_seq_lens`, never a mask; other batches are left as they are. Returns whether it applies."""
+    decoder = language_decoder(model)
+    if getattr(decoder.config, "_attn_implementation", None) != VARLEN:
+        return False
+    if getattr(decoder, "_packed_rows_hook", None) is None:
+        decoder._packed_rows_hook = decoder.register_forward_pre_hook(_empty_mask_for_packed_rows, with_kwargs=True)
+    return True
+
+
+def _empty_mask_for_packed_rows(module, args, kwargs):
+    if kwargs.get("cu_seq_lens_q") is not None and kwargs.get("attention_mask") is None:
+        return args, {**kwargs, "attention_mask": torch.empty(0, 0, 0, 0, dtype=torch.bool)}
+    return None
 
 
 def checkpoint_some_layers(layers, share: float) -> list[int]:
@@ -221,7 +243,8 @@ def speed_options(model, t, before_adapters: bool, sharded: bool = False) -> lis
     """Apply the speed options of the `train` section `t`; called before and after the adapters are injected.
 
     Before: Liger kernels on the language model. After: on a GPU, SDPA without its cuDNN backend (call
-    inside `backend_switches_restored`); frozen vision tower and projector without autocast
+    inside `backend_switches_restored`); packed rows past transformers' mask preparation
+    (`packed_rows_without_mask_preparation`); frozen vision tower and projector without autocast
     (`frozen_towers_in_weight_dtype`); with `train.fused`, the fused paths (`fused_paths`). `sharded`:
     the weights are partitioned (ZeRO-3 / FSDP). Returns what was done.
     """
@@ -236,6 +259,8 @@ def speed_options(model, t, before_adapters: bool, sharded: bool = False) -> lis
         # shape from step to step; flash and memory-efficient SDPA have no per-shape setup.
         torch.backends.cuda.enable_cudnn_sdp(False)
         done.append("SDPA without cuDNN")
+    if packed_rows_without_mask_preparation(model):
+        done.append("packed rows without transformers' mask preparation (no host sync)")
     towers = [] if sharded else frozen_towers_in_weight_dtype(model)  # (FSDP may keep float32 shards)
     if towers:
         done.append(f"frozen {', '.join(towers)} without autocast")
