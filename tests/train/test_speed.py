@@ -525,16 +525,21 @@ def test_packed_rows_keep_the_mask_preparation_without_varlen_attention(tiny_ite
 
 @pytest.mark.gpu
 def test_a_packed_training_step_never_stops_the_host(tiny_items):
-    """On a GPU, forward and backward of a packed batch queue their work without waiting for the GPU (torch's
-    sync debug mode raises at any synchronizing call): before, transformers read the image-token count and
-    its packed-sample test back to the host in every forward."""
+    """On a GPU, forward and backward of a packed batch through a LoRA model (frozen base, as trained) queue
+    their work without waiting for the GPU (torch's sync debug mode raises at any synchronizing call):
+    before, transformers read the image-token count and its packed-sample test back to the host in every
+    forward."""
     from internvl_lora.data.collate import trained_positions
     from internvl_lora.internvl.embed import image_tokens_checked_on_the_gpu
     from internvl_lora.train.speed import packed_rows_without_mask_preparation
 
+    from internvl_lora.config import PolicyArgs
+    from internvl_lora.lora.policy import apply_policy
+
     d, _, items = tiny_items
-    model = load_model(d / "model", dtype=torch.bfloat16).cuda().train()
+    model = load_model(d / "model", dtype=torch.bfloat16).cuda()
     model.set_attn_implementation({"text_config": register_varlen_attention()})
+    model = apply_policy(model, PolicyArgs(dropout=0.05), "qwen2").train()  # frozen base, LoRA on the LLM
     assert packed_rows_without_mask_preparation(model) and image_tokens_checked_on_the_gpu(model)
     batch = PackedCollator()(items)
     batch["trained_positions"] = trained_positions(batch["labels"])  # as `collate.HostSide` adds it
@@ -545,7 +550,8 @@ def test_a_packed_training_step_never_stops_the_host(tiny_items):
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            loss = trained_positions_loss(model, batch, n)
+            with torch.autocast("cuda", dtype=torch.bfloat16):  # the Trainer's bf16 mixed precision
+                loss = trained_positions_loss(model, batch, n)
             loss.backward()
         finally:
             torch.cuda.set_sync_debug_mode(0)
