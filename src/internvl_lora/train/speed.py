@@ -105,8 +105,9 @@ def packed_rows_without_mask_preparation(model) -> bool:
     back on the host: a synchronization in every forward, the host waiting for the vision tower before
     it can queue the first decoder layer, the GPU idle meanwhile. `VARLEN` takes the boundaries of packed
     rows from `cu_seq_lens`, never a mask; other batches are left as they are. Returns whether it applies."""
-    decoder = language_decoder(model)
-    if getattr(decoder.config, "_attn_implementation", None) != VARLEN:
+    base = model.get_base_model() if is_peft(model) else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if decoder is None or getattr(getattr(decoder, "config", None), "_attn_implementation", None) != VARLEN:
         return False
     if getattr(decoder, "_packed_rows_hook", None) is None:
         decoder._packed_rows_hook = decoder.register_forward_pre_hook(_empty_mask_for_packed_rows, with_kwargs=True)
