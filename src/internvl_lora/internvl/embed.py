@@ -10,9 +10,9 @@ back to it. The model is then called with `inputs_embeds` (its own image path is
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from ..subclass import runtime_subclass
 
 
 def internvl_model(model):
@@ -82,7 +82,7 @@ def image_tokens_checked_on_the_gpu(model) -> bool:
     return True
 
 
-@functools.cache
+@runtime_subclass
 def _checked_on_the_gpu(cls):
     class CheckedOnTheGpu(cls):
         _image_tokens_checked_on_the_gpu = True
@@ -96,15 +96,4 @@ def _checked_on_the_gpu(cls):
                                 "image tokens and image features do not match")
             return mask.unsqueeze(-1).to(inputs_embeds.device)
 
-        def __reduce__(self):  # (a class made at run time: pickled as `cls` and made again on loading)
-            return _restore_checked_on_the_gpu, (cls, self.__getstate__())
-
-    CheckedOnTheGpu.__name__ = CheckedOnTheGpu.__qualname__ = cls.__name__
     return CheckedOnTheGpu
-
-
-def _restore_checked_on_the_gpu(cls, state):
-    module = cls.__new__(cls)
-    module.__setstate__(state)
-    module.__class__ = _checked_on_the_gpu(cls)
-    return module

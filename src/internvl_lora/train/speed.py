@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..subclass import runtime_subclass
 from ..lora.fused import fuse_lora_layers, fuse_swiglu_mlps
 from ..lora.policy import is_peft
 from .loss import chunk_output_layer
@@ -184,7 +185,7 @@ def backend_switches_restored():
 FROZEN_TOWERS = ("vision_tower", "multi_modal_projector")
 
 
-@functools.cache
+@runtime_subclass
 def _weight_dtype_class(cls):
     class InWeightDtype(cls):
         """`cls`, frozen, run in its weights' dtype with autocast off (`frozen_towers_in_weight_dtype`)."""
@@ -201,18 +202,7 @@ def _weight_dtype_class(cls):
             with torch.autocast(device, enabled=False):
                 return super().forward(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
 
-        def __reduce__(self):  # (a class made at run time: pickled as `cls` and made again on loading)
-            return _restore_in_weight_dtype, (cls, self.__getstate__())
-
-    InWeightDtype.__name__ = InWeightDtype.__qualname__ = cls.__name__
     return InWeightDtype
-
-
-def _restore_in_weight_dtype(cls, state):
-    module = cls.__new__(cls)
-    module.__setstate__(state)
-    module.__class__ = _weight_dtype_class(cls)
-    return module
 
 
 def frozen_towers_in_weight_dtype(model, names=FROZEN_TOWERS) -> list[str]:
