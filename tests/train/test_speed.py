@@ -556,3 +556,54 @@ def test_a_packed_training_step_never_stops_the_host(tiny_items):
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss).item()
+
+
+def _internvl(text):
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    vit = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, image_size=448,
+               patch_size=14)
+    cfg = InternVLConfig(vision_config=vit, text_config=text, image_token_id=100)
+    return InternVLForConditionalGeneration._from_config(cfg, attn_implementation="eager")
+
+
+_GPT_OSS = dict(model_type="gpt_oss", hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=300, num_local_experts=4, num_experts_per_tok=2,
+                sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+
+
+def test_attention_falls_back_to_eager_on_a_part_without_it():
+    """model.attn_implementation=sdpa (the default) on an LLM whose transformers class has no SDPA (gpt_oss,
+    InternVL3.5-GPT-OSS): transformers refuses the whole model; the vision tower keeps SDPA, the LLM runs
+    eager, and the log says so. Parts that support it are set as before."""
+    from internvl_lora.train.speed import set_attention
+
+    model = _internvl(_GPT_OSS)
+    with pytest.raises(ValueError):
+        model.set_attn_implementation("sdpa")
+    notes = set_attention(model, "sdpa")
+    assert notes == ["attention: GptOssModel does not support sdpa; text part runs eager attention"]
+    assert model.config.text_config._attn_implementation == "eager"
+    assert model.config.vision_config._attn_implementation == "sdpa"
+    qwen = _internvl(dict(model_type="qwen2", hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, vocab_size=300))
+    assert set_attention(qwen, "sdpa") == []
+    assert qwen.config.text_config._attn_implementation == qwen.config.vision_config._attn_implementation == "sdpa"
+
+
+def test_packing_is_refused_for_an_llm_with_attention_sinks():
+    """The packed attention computes plain causal attention per sample: gpt_oss's learned sinks and sliding
+    windows were silently dropped. Refused before anything loads, and in the attention itself."""
+    from internvl_lora.errors import UserError
+    from internvl_lora.train.speed import check_packing
+
+    with pytest.raises(UserError, match=r"data\.packing=false"):
+        check_packing("gpt_oss", True)
+    check_packing("gpt_oss", False)
+    check_packing("qwen2", True)
+    model = _internvl(_GPT_OSS)
+    model.set_attn_implementation({"text_config": register_varlen_attention()})
+    cu = torch.tensor([0, 12], dtype=torch.int32)
+    with pytest.raises(UserError, match="attention sinks and sliding windows of GptOssAttention"):
+        model(input_ids=torch.randint(0, 99, (1, 12)), position_ids=torch.arange(12)[None], cu_seq_lens_q=cu,
+              cu_seq_lens_k=cu, max_length_q=12, max_length_k=12)

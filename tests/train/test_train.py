@@ -232,3 +232,21 @@ def test_training_steps_do_not_wait_for_the_gpu(demo, tmp_path, monkeypatch):
     ours = [f"{f.filename}:{f.lineno} {f.line}" for f in callers if f.filename != __file__
             and any(k in f.filename for k in ("internvl_lora", "transformers/trainer", "accelerate/"))]
     assert not ours, ours
+
+
+def test_packing_is_refused_for_an_llm_it_would_compute_wrongly_before_anything_loads(demo, tmp_path, monkeypatch):
+    """An InternVL3.5-GPT-OSS checkpoint with data.packing (the default): the packed attention has no attention
+    sinks or sliding windows, so the run stops before the data audit and the weights, and writes nothing."""
+    import dataclasses
+
+    import internvl_lora.train as train_module
+
+    real = train_module.inspect_checkpoint
+    monkeypatch.setattr(train_module, "inspect_checkpoint",
+                        lambda path: dataclasses.replace(real(path), llm_type="gpt_oss"))
+    monkeypatch.setattr(train_module, "prepare_data", lambda *a, **k: pytest.fail("the data was read"))
+    monkeypatch.setattr(train_module, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"attention sinks and sliding windows .*\(gpt_oss\); set data\.packing=false"):
+        train_module.train(config(demo, out, "data.packing=true"))
+    assert not out.exists()

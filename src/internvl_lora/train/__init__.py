@@ -40,7 +40,7 @@ from ..run_dir import (
 from .callbacks import LogLine, LossCurve, StepStats, TrainingHealthError, Watchdog
 from .generation_eval import GenerationEval, generation_samples
 from .preference import PreferenceObjective, PreferenceState
-from .speed import backend_switches_restored, register_varlen_attention, speed_options
+from .speed import backend_switches_restored, check_packing, register_varlen_attention, set_attention, speed_options
 from .trainer import (
     InternVLTrainer, _CheckpointShare, _KernelWarmUp, sharded_weights, training_arguments, use_tensorboard_dir, zero_stage,
 )
@@ -148,6 +148,7 @@ def _train(cfg: RunConfig) -> Path:
         print0(f"resuming from {resume}" if resume else f"no complete checkpoint in {out} to resume from; starting fresh")
 
     info = inspect_checkpoint(cfg.model.path)
+    check_packing(info.llm_type, cfg.data.packing)
     tokenizer = load_tokenizer(cfg.model.path)
     settings = encode_settings(cfg, info)
     print0(f"checkpoint {cfg.model.path}: format {info.format}, template {settings.template.name}, "
@@ -188,7 +189,8 @@ def _train(cfg: RunConfig) -> Path:
     model = load_model(cfg.model.path, dtype=dtype)
     model.config.use_cache = False
     model.config.text_config.use_cache = False
-    model.set_attn_implementation(cfg.model.attn_implementation)
+    for note in set_attention(model, cfg.model.attn_implementation):
+        print0(note)
     if cfg.data.packing:  # attention within each packed sample (torch varlen on a GPU)
         model.set_attn_implementation({"text_config": register_varlen_attention()})
         print0(f"attention: LLM per packed sample (data.packing; unpacked batches such as generation use SDPA), "

@@ -48,8 +48,25 @@ def _varlen_supports_gqa() -> bool:
         return False
 
 
+# LLMs (transformers model_type) whose attention the packed attention does not compute: gpt_oss adds a
+# learned sink to every softmax and a sliding window to every other layer.
+PACKING_UNSUPPORTED = {"gpt_oss": "attention sinks and sliding windows"}
+
+
+def check_packing(llm_type: str, packing: bool) -> None:
+    """Refuse `data.packing` for an LLM whose attention the packed attention would compute wrongly."""
+    if packing and llm_type in PACKING_UNSUPPORTED:
+        raise UserError(f"data.packing: the packed attention does not implement the {PACKING_UNSUPPORTED[llm_type]} "
+                        f"of this checkpoint's LLM ({llm_type}); set data.packing=false (padded batches)")
+
+
 def _varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query (1, H, T, D), key/value (1, KV, T, D) -> (1, T, H, D), attending within each packed sample."""
+    missing = [what for what, key_ in (("attention sinks", "s_aux"), ("sliding windows", "sliding_window"))
+               if kwargs.get(key_) is not None]
+    if missing:  # (`check_packing` refuses such LLMs first; this guards any other way in)
+        raise UserError(f"the packed attention does not implement the {' and '.join(missing)} of "
+                        f"{type(module).__name__}; train it with data.packing=false")
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:  # an ordinary batch (evaluation, generation, a padded batch): plain SDPA with its mask
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -86,6 +103,38 @@ def _varlen_mask(*args, attention_mask=None, **kwargs):
     from transformers.masking_utils import sdpa_mask
 
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+_SUPPORT_FLAGS = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn",
+                  "flex_attention": "_supports_flex_attn"}
+
+
+def set_attention(model, requested: str) -> list[str]:
+    """Set the attention implementation `requested` on each part of a composite transformers model (a
+    vision-language model's vision tower and language model) whose class supports it, eager on a part whose
+    class does not (gpt_oss has no SDPA): transformers would refuse the whole model. Returns a note per
+    part that differs from `requested`."""
+    from transformers import PreTrainedModel
+
+    flag = _SUPPORT_FLAGS.get(requested)
+    subs = getattr(model.config, "sub_configs", None) or {}
+    if flag is None or not subs:
+        model.set_attn_implementation(requested)
+        return []
+    choice, notes = {}, []
+    for key in subs:
+        sub_config = getattr(model.config, key, None)
+        part = next((m for m in model.modules() if isinstance(m, PreTrainedModel) and m.config is sub_config), None)
+        if part is None:
+            continue
+        if getattr(part, flag, False):
+            choice[key] = requested
+        else:
+            choice[key] = "eager"
+            notes.append(f"attention: {type(part).__name__} does not support {requested}; {key.removesuffix('_config')} "
+                         "part runs eager attention")
+    model.set_attn_implementation(choice if notes else requested)
+    return notes
 
 
 def register_varlen_attention() -> str:
