@@ -12,7 +12,8 @@ under the step's autocast (`training_autocast`): outside it, PEFT's float32 adap
 PEFT's own forward (a float32 copy of the input, a dropped copy and a mask per projection) instead of the
 fused path a step takes, and the probe read 2.7x what the layer keeps at the 8B shape (372 against 140 KiB
 per token). Measured against a whole stack under autocast (H100): within 0.1 % for plain Qwen2 layers,
-between 1 % below and 13 % above with our fused LoRA layers (two runs); what is not per token falls to the reserve (`reserve_bytes`).
+between 1 % below and 13 % above with our fused LoRA layers (two runs); what is not per token falls to
+the reserve (`reserve_bytes`).
 
 Generic: a transformers decoder-only language model (its layers and rotary embedding), nothing specific
 to InternVL.

@@ -131,8 +131,9 @@ def set_attention(model, requested: str) -> list[str]:
             choice[key] = requested
         else:
             choice[key] = "eager"
-            notes.append(f"attention: {type(part).__name__} does not support {requested}; {key.removesuffix('_config')} "
-                         "part runs eager attention")
+            part_name = key.removesuffix("_config")
+            notes.append(f"attention: {type(part).__name__} does not support {requested}; {part_name} part runs "
+                         "eager attention")
     model.set_attn_implementation(choice if notes else requested)
     return notes
 
