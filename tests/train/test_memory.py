@@ -115,49 +115,27 @@ def test_the_probe_runs_the_layer_under_the_training_steps_autocast(monkeypatch)
 
 
 @pytest.mark.gpu
-def test_the_probe_of_a_fused_lora_layer_bounds_the_stack_it_plans_for():
+def test_the_probe_of_a_fused_lora_layer_bounds_the_stack_it_plans_for(fast_path_model):
     """On a GPU, with our training path (fused LoRA layers with PEFT's float32 adapters, Liger, packed
     attention, bf16 autocast): the probe's bytes per token times the layers predict what the whole decoder
     stack keeps for its backward, within 3 % below and 25 % above (H100, two runs: 13 % above, 1,636.5
     MiB against 1,443.7; 1 % below, 1,429.5 against 1,444.5; the planner's reserve covers a few percent).
     Outside autocast the probe read the memory of PEFT's own forward instead (2.7x at the 8B shape)."""
-    from transformers import InternVLConfig, InternVLForConditionalGeneration
-
-    from internvl_lora.config import PolicyArgs, TrainArgs
-    from internvl_lora.lora.policy import apply_policy
     from internvl_lora.train.memory import layer_bytes_per_token, layer_inputs, training_autocast
-    from internvl_lora.train.speed import (
-        backend_switches_restored, language_decoder, register_varlen_attention, speed_options,
-    )
 
-    vit = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, image_size=448,
-               patch_size=14)
-    text = dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=6,
-                num_attention_heads=14, num_key_value_heads=2, vocab_size=2048, max_position_embeddings=32768)
-    cfg = InternVLConfig(vision_config=vit, text_config=text, image_token_id=1000)
-    model = InternVLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
-    model = model.cuda()
-    model.set_attn_implementation({"text_config": register_varlen_attention()})
-    t = TrainArgs(liger=True, fused=True)
-    with backend_switches_restored():
-        speed_options(model, t, before_adapters=True)
-        model = apply_policy(model, PolicyArgs(dropout=0.05), "qwen2")
-        done = speed_options(model, t, before_adapters=False)
-        assert any(d.startswith("fused LoRA layers") for d in done), done
-        model.train()
-        decoder = language_decoder(model)
-        kept = layer_bytes_per_token(decoder.layers[0], decoder.rotary_emb, 896, torch.bfloat16, "cuda")
-        n = 8192
-        x, kw = layer_inputs(decoder, n, torch.bfloat16, "cuda", requires_grad=True)
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        with training_autocast(x):
-            h = x
-            for layer in decoder.layers:
-                h = layer(h, attention_mask=None, **kw)
-                h = h[0] if isinstance(h, tuple) else h
-        torch.cuda.synchronize()
-        measured = torch.cuda.memory_allocated() - before - h.numel() * h.element_size()
+    model, decoder = fast_path_model(layers=6)
+    kept = layer_bytes_per_token(decoder.layers[0], decoder.rotary_emb, 896, torch.bfloat16, "cuda")
+    n = 8192
+    x, kw = layer_inputs(decoder, n, torch.bfloat16, "cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with training_autocast(x):
+        h = x
+        for layer in decoder.layers:
+            h = layer(h, attention_mask=None, **kw)
+            h = h[0] if isinstance(h, tuple) else h
+    torch.cuda.synchronize()
+    measured = torch.cuda.memory_allocated() - before - h.numel() * h.element_size()
     predicted = kept * n * len(decoder.layers)
     print(f"kept per token per layer {kept / 1024:.1f} KiB; stack: predicted {predicted / 2**20:.1f} MiB, "
           f"measured {measured / 2**20:.1f} MiB")

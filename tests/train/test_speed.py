@@ -252,18 +252,6 @@ def test_packed_attention_on_a_gpu_in_every_dtype(dtype):
         a += n
 
 
-def _qwen2_internvl(hidden=896, inter=4864, layers=2):
-    """A random InternVL whose LLM layer has the 1B shape's widths (what the kernels' variants depend on)."""
-    from transformers import InternVLConfig, InternVLForConditionalGeneration
-
-    vit = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, image_size=448,
-               patch_size=14)
-    text = dict(model_type="qwen2", hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                num_attention_heads=14, num_key_value_heads=2, vocab_size=2048, max_position_embeddings=32768)
-    cfg = InternVLConfig(vision_config=vit, text_config=text, image_token_id=1000)
-    return InternVLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
-
-
 def test_warm_up_token_counts_cover_both_residues_of_the_count_and_of_its_share_per_multiprocessor():
     from internvl_lora.train.speed import warm_up_token_counts
 
@@ -274,17 +262,17 @@ def test_warm_up_token_counts_cover_both_residues_of_the_count_and_of_its_share_
         assert all(math.ceil(n / sms) > 1 for n in counts)
 
 
-def test_kernel_warm_up_does_nothing_off_a_gpu():
+def test_kernel_warm_up_does_nothing_off_a_gpu(qwen2_internvl):
     from internvl_lora.train.speed import language_decoder, warm_up_kernels
 
-    model = _qwen2_internvl(hidden=64, inter=128, layers=1)
+    model = qwen2_internvl(hidden=64, inter=128, layers=1)
     state = torch.random.get_rng_state()
     assert warm_up_kernels(language_decoder(model)) is False
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
 @pytest.mark.gpu
-def test_after_the_kernel_warm_up_no_token_count_compiles_a_kernel():
+def test_after_the_kernel_warm_up_no_token_count_compiles_a_kernel(fast_path_model):
     """The run's first (full) micro-batch compiles what it needs; after the warm-up, micro-batches of any
     other token count (a multiple of 16 or not, a few tokens) compile no Triton kernel -- each compile was
     a 0.3-0.9 s stall of a step in the middle of a run (bench/e2e_bench.py, 1B, H100). And the warm-up
@@ -293,50 +281,37 @@ def test_after_the_kernel_warm_up_no_token_count_compiles_a_kernel():
     knobs = getattr(triton, "knobs", None)
     if knobs is None or not hasattr(knobs.runtime, "jit_post_compile_hook"):
         pytest.skip("this triton has no compile hook")
-    from internvl_lora.config import PolicyArgs, TrainArgs
-    from internvl_lora.lora.policy import apply_policy
-    from internvl_lora.train.speed import (
-        backend_switches_restored, language_decoder, register_varlen_attention, speed_options, warm_up_kernels,
-    )
     from internvl_lora.train.memory import layer_inputs, training_autocast
+    from internvl_lora.train.speed import warm_up_kernels
 
-    model = _qwen2_internvl().cuda()
-    model.set_attn_implementation({"text_config": register_varlen_attention()})
-    t = TrainArgs(liger=True, fused=True)
-    with backend_switches_restored():
-        speed_options(model, t, before_adapters=True)
-        model = apply_policy(model, PolicyArgs(dropout=0.05), "qwen2")
-        done = speed_options(model, t, before_adapters=False)
-        assert any(d.startswith("fused LoRA layers") for d in done), done
-        model.train()
-        decoder = language_decoder(model)
-        layer = decoder.layers[0]
+    model, decoder = fast_path_model()
+    layer = decoder.layers[0]
 
-        def step(n):  # as a training step runs the layer: under the Trainer's bf16 autocast
-            x, kw = layer_inputs(decoder, n, torch.bfloat16, "cuda", requires_grad=True)
-            with training_autocast(x):
-                out = layer(x, attention_mask=None, **kw)
-            out = out[0] if isinstance(out, tuple) else out
-            out.float().pow(2).mean().backward()
+    def step(n):  # as a training step runs the layer: under the Trainer's bf16 autocast
+        x, kw = layer_inputs(decoder, n, torch.bfloat16, "cuda", requires_grad=True)
+        with training_autocast(x):
+            out = layer(x, attention_mask=None, **kw)
+        out = out[0] if isinstance(out, tuple) else out
+        out.float().pow(2).mean().backward()
 
-        step(20480)  # the first, full micro-batch of a run
-        rng = (torch.random.get_rng_state(), torch.cuda.get_rng_state())
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        assert grads
-        assert warm_up_kernels(decoder)
-        assert torch.equal(rng[0], torch.random.get_rng_state()) and torch.equal(rng[1], torch.cuda.get_rng_state())
-        after = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        assert set(after) == set(grads) and all(torch.equal(after[n], g) for n, g in grads.items())
-        compiled = []
-        previous = knobs.runtime.jit_post_compile_hook
-        knobs.runtime.jit_post_compile_hook = lambda *a, **k: compiled.append(k.get("fn") or a)
-        try:
-            for n in (20480, 11041, 3431, 16384, 777, 20475, 2112, 1727):
-                step(n)
-            torch.cuda.synchronize()
-        finally:
-            knobs.runtime.jit_post_compile_hook = previous
-        assert compiled == [], compiled
+    step(20480)  # the first, full micro-batch of a run
+    rng = (torch.random.get_rng_state(), torch.cuda.get_rng_state())
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads
+    assert warm_up_kernels(decoder)
+    assert torch.equal(rng[0], torch.random.get_rng_state()) and torch.equal(rng[1], torch.cuda.get_rng_state())
+    after = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(after) == set(grads) and all(torch.equal(after[n], g) for n, g in grads.items())
+    compiled = []
+    previous = knobs.runtime.jit_post_compile_hook
+    knobs.runtime.jit_post_compile_hook = lambda *a, **k: compiled.append(k.get("fn") or a)
+    try:
+        for n in (20480, 11041, 3431, 16384, 777, 20475, 2112, 1727):
+            step(n)
+        torch.cuda.synchronize()
+    finally:
+        knobs.runtime.jit_post_compile_hook = previous
+    assert compiled == [], compiled
 
 
 def _autocast_in_layer_norms(module, run):
@@ -353,7 +328,7 @@ def _autocast_in_layer_norms(module, run):
     return seen, out
 
 
-def test_frozen_vision_tower_and_projector_run_in_their_weights_dtype_under_autocast():
+def test_frozen_vision_tower_and_projector_run_in_their_weights_dtype_under_autocast(qwen2_internvl):
     """Under autocast a LayerNorm returns float32 and every linear layer after it casts back: the frozen
     vision tower and projector now run in their bf16 weights with autocast off (as a bf16 model without
     autocast does), the same numbers as calling them outside autocast; the language model keeps autocast."""
@@ -362,7 +337,7 @@ def test_frozen_vision_tower_and_projector_run_in_their_weights_dtype_under_auto
     from internvl_lora.train.speed import speed_options
 
     torch.manual_seed(0)
-    model = _qwen2_internvl(hidden=64, inter=128, layers=1)
+    model = qwen2_internvl(hidden=64, inter=128, layers=1)
     model = apply_policy(model, PolicyArgs(dropout=0.0), "qwen2")
     base = model.get_base_model().model
     keys = list(model.state_dict())
@@ -394,17 +369,17 @@ def test_frozen_vision_tower_and_projector_run_in_their_weights_dtype_under_auto
     assert not any("vision_tower" in d for d in speed_options(model, TrainArgs(fused=False), before_adapters=False))
 
 
-def test_a_trained_projector_or_float32_weights_keep_autocast():
+def test_a_trained_projector_or_float32_weights_keep_autocast(qwen2_internvl):
     from internvl_lora.train.speed import frozen_towers_in_weight_dtype
 
-    model = _qwen2_internvl(hidden=64, inter=128, layers=1)
+    model = qwen2_internvl(hidden=64, inter=128, layers=1)
     model.requires_grad_(False)
     model.model.multi_modal_projector.requires_grad_(True)  # a projector asked to train
     assert frozen_towers_in_weight_dtype(model) == ["vision_tower (bfloat16)"]
     assert not hasattr(model.model.multi_modal_projector, "weight_dtype")
-    model32 = _qwen2_internvl(hidden=64, inter=128, layers=1).float().requires_grad_(False)
+    model32 = qwen2_internvl(hidden=64, inter=128, layers=1).float().requires_grad_(False)
     assert frozen_towers_in_weight_dtype(model32) == []
-    peft_vision = _qwen2_internvl(hidden=64, inter=128, layers=1).requires_grad_(False)
+    peft_vision = qwen2_internvl(hidden=64, inter=128, layers=1).requires_grad_(False)
     peft_vision.model.vision_tower.encoder.layer[0].attention.q_proj.weight.requires_grad_(True)
     assert frozen_towers_in_weight_dtype(peft_vision) == ["multi_modal_projector (bfloat16)"]
 
@@ -449,7 +424,7 @@ def test_packed_attention_keeps_the_key_value_heads_unrepeated():
         assert (a.float() - b).abs().max() / b.abs().max() < 2e-2
 
 
-def test_a_layer_run_under_the_training_autocast_takes_the_fused_lora_path(monkeypatch):
+def test_a_layer_run_under_the_training_autocast_takes_the_fused_lora_path(monkeypatch, qwen2_internvl):
     """PEFT keeps the adapters in float32 on a bf16 base; the fused LoRA layers (and their Triton kernels on a
     GPU) run them only under autocast, as a training step does. The kernel warm-up runs its layer under the
     same autocast (`memory.training_autocast`); without it, it warmed up PEFT's path instead of the kernels."""
@@ -460,7 +435,7 @@ def test_a_layer_run_under_the_training_autocast_takes_the_fused_lora_path(monke
     from internvl_lora.train.memory import layer_inputs, training_autocast
     from internvl_lora.train.speed import language_decoder
 
-    model = apply_policy(_qwen2_internvl(hidden=64, inter=128, layers=1), PolicyArgs(dropout=0.05), "qwen2")
+    model = apply_policy(qwen2_internvl(hidden=64, inter=128, layers=1), PolicyArgs(dropout=0.05), "qwen2")
     assert fuse_lora_layers(model) == 7
     calls = []
     real = fused._LoraLinear.apply
