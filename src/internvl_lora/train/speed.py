@@ -336,13 +336,17 @@ def fused_paths(model, sharded: bool = False, lora: bool = True, kernels: bool =
 
 def warm_up_token_counts(sms: int) -> tuple[int, ...]:
     """Token counts of the kernel warm-up on a GPU with `sms` multiprocessors. Triton specialises integer
-    arguments on being a multiple of 16, and kernels that split rows across the multiprocessors (Liger's
-    RMSNorm backward) pass ceil(tokens / sms) too: so a multiple of 16 whose share per multiprocessor is one
-    as well, one whose share is not, and each minus one token. Few enough tokens that the fused LoRA
-    kernels take their split variant."""
+    arguments on being a multiple of 16 and on being 1, and kernels that split rows across the
+    multiprocessors (Liger's RMSNorm backward) pass ceil(tokens / sms) too: so a multiple of 16 whose share
+    per multiprocessor is a multiple of 16 as well, one whose share is not, one whose share is a single row
+    (a short text-only micro-batch), and each minus one token; then a few tokens (a text-only micro-batch
+    that short still occurs), which the fused LoRA kernels' gradient runs unsplit, while the larger counts
+    take the split variants."""
     a = 16 * sms
     b = 16 * math.ceil(13 * sms / 16)
-    return (a, a - 1, b, b - 1)
+    c = 16 * max(1, sms // 16)  # at most one row per multiprocessor: Triton specialises a share of 1 too
+    # and a micro-batch within one row block of the fused LoRA kernels (their gradient's unsplit variant)
+    return (a, a - 1, b, b - 1, c, c - 1, 15)
 
 
 def warm_up_kernels(decoder, tokens: tuple[int, ...] | None = None) -> bool:
