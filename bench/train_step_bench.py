@@ -371,7 +371,11 @@ if __name__ == "__main__":
             r = dict(size=s, mode=m, grad_ckpt=c, liger=lg, fused_lora=f, compile=cp, token_budget=b, chunked_loss=ch,
                      error=repr(e)[:600])
         if rate and "model_tflops" in r:  # the reference: the card's dense bf16 matmul rate, this process
-            r.update(matmul_tflops=rate, pct_of_matmul=round(100 * r["model_tflops"] / rate, 1))
+            # measured again right after the run too: on one card it moved by up to 8 % between runs of a call
+            after = round(matmul_tflops())
+            r.update(matmul_tflops=rate, pct_of_matmul=round(100 * r["model_tflops"] / rate, 1),
+                     matmul_tflops_after=after, pct_of_matmul_after=round(100 * r["model_tflops"] / after, 1))
+            rate = after
         print(json.dumps(r), flush=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
