@@ -62,7 +62,7 @@ def main():
                  logits_padded_ms=timed(lambda: torch.mm(h, w.t(), out=out_pad), dev, a.iters),
                  grad_ms=timed(lambda: g @ w, dev, a.iters),
                  grad_padded_ms=timed(lambda: g_pad @ w, dev, a.iters))
-        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
+        print(json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in r.items()}), flush=True)
 
 
 if __name__ == "__main__":
