@@ -26,6 +26,24 @@ def load(path):
         return json.load(f)["traceEvents"]
 
 
+def ops_index(events):
+    """CPU operator events (aten::...) per thread, sorted by start: what launched a kernel on a thread without
+    Python frames (the autograd engine's backward)."""
+    by = collections.defaultdict(list)
+    for e in events:
+        if e.get("cat") == "cpu_op":
+            by[e["tid"]].append(e)
+    return {tid: (sorted(ops, key=lambda e: e["ts"]), sorted(e["ts"] for e in ops)) for tid, ops in by.items()}
+
+
+def ops_at(index, tid, t, depth=40):
+    """Names of the CPU operators enclosing time t on thread tid, outermost first."""
+    ops, starts = index.get(tid) or ([], [])
+    i = bisect.bisect_right(starts, t)
+    return [e["name"] for e in sorted((e for e in ops[max(0, i - depth * 50):i] if e["ts"] <= t <= e["ts"] + e["dur"]),
+                                      key=lambda e: e["ts"])]
+
+
 def stacks_index(events):
     """Python frames per thread, sorted by start, for 'which frames enclose time t on thread tid'. The
     profiler gives Python frames the thread id 0 for the main thread; the autograd engine's thread keeps
@@ -103,14 +121,18 @@ def main():
     for where, us in by.most_common(a.top):
         print(f"{us / 1e3:8.1f} ms  {where}")
     if a.kernel:
-        seen = collections.Counter()
+        seen, count = collections.Counter(), collections.Counter()
+        ops = ops_index(ev)
         for e in gpu:
             if a.kernel in e["name"]:
                 launch = launches.get(e["args"].get("correlation"))
                 fr = frames_at(index, launch["tid"], launch["ts"]) if launch else []
-                seen[interesting(fr, 6)] += e["dur"]
-        for where, us in seen.most_common(10):
-            print(f"[{a.kernel}] {us / 1e3:.2f} ms  {where}")
+                op = " > ".join(ops_at(ops, launch["tid"], launch["ts"])[-3:]) if launch else "?"
+                key = f"{interesting(fr, 6)}  [ops: {op}]"
+                seen[key] += e["dur"]
+                count[key] += 1
+        for where, us in seen.most_common(12):
+            print(f"[{a.kernel}] {us / 1e3:.2f} ms x{count[where]}  {where}")
 
 
 if __name__ == "__main__":
