@@ -250,9 +250,12 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
     timer = Timer(warmup)
     # The training command's callbacks: the log line (every 10 steps, to stderr) and the watchdog.
     log = LogLine(stats, Path(out_dir), print_fn=lambda *x: print(*x, file=sys.stderr))
-    callbacks = [timer, log, Watchdog(stats, model)] + ([Profile(warmup, out_dir)] if profile and cuda else [])
+    watchdog = Watchdog(stats, model)
+    # traces start after the watchdog's one-time LoRA check (a step of its own, not the steady state)
+    first = max(warmup, watchdog.lora_check_step)
+    callbacks = [timer, log, watchdog] + ([Profile(first, out_dir)] if profile and cuda else [])
     if (timeline or sync_debug) and cuda:
-        callbacks.append(Timeline(warmup, out_dir, timeline or 1, sync_debug))
+        callbacks.append(Timeline(first, out_dir, timeline or 1, sync_debug))
     collator = PackedCollator() if packed else PadCollator(0)
     ph = Phases() if phases else None
     trainer_cls = InternVLTrainer

@@ -348,3 +348,20 @@ def test_generation_metric_scores_what_the_model_answers(demo, monkeypatch):
 
 def test_training_health_error_is_a_user_error():
     assert issubclass(TrainingHealthError, UserError)
+
+
+def test_lora_b_check_reads_the_device_once(monkeypatch):
+    """The maxima of all B matrices are combined on the device and read once (on a GPU every read waits for
+    it: the check of a 196-layer model cost 196 waits)."""
+    model = torch.nn.Module()
+    for k, v in enumerate((0.25, -0.75, 0.5)):
+        layer = torch.nn.Module()
+        layer.lora_B = torch.nn.Parameter(torch.full((2, 3), v))
+        layer.lora_A = torch.nn.Parameter(torch.full((3, 2), 9.0))
+        model.add_module(f"layer{k}", layer)
+    reads = []
+    real = torch.Tensor.__float__
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: reads.append(1) or real(t))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(1) or real(t))
+    assert lora_b_max(model) == 0.75
+    assert len(reads) == 1
