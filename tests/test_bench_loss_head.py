@@ -19,4 +19,5 @@ def test_smoke_run_prints_a_timing_per_position_count():
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["positions"] for r in rows] == [5, 17]
     for r in rows:
-        assert all(r[k] > 0 for k in ("loss_ms", "logits_ms", "logits_padded_ms", "grad_ms", "grad_padded_ms"))
+        assert all(r[k] > 0 for k in ("loss_ms", "logits_ms", "logits_padded_ms", "grad_ms", "grad_padded_ms",
+                                  "logits_split_ms", "grad_split_ms"))

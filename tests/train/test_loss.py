@@ -123,6 +123,48 @@ def test_chunked_linear_cross_entropy_equals_full_logits(weighted):
     assert h.grad[3].abs().sum() == 0  # an ignored position gets no gradient
 
 
+@pytest.mark.parametrize("trained_w", [False, True])
+def test_chunked_loss_split_at_the_aligned_vocabulary_equals_full_logits(monkeypatch, trained_w):
+    """The GPU layout -- logits and gradient in a buffer with rows padded to 64, the matmuls over the
+    vocabulary's last multiple of 64 and the few rows after it separately -- forced on the CPU: loss and
+    gradients equal the full-logits computation (a vocabulary of 203 = 192 + 11, several chunks)."""
+    from internvl_lora.train import loss as loss_mod
+
+    calls = []
+    monkeypatch.setattr(loss_mod, "_aligned_rows", lambda vocab, hidden: calls.append(vocab) or vocab // 64 * 64)
+    torch.manual_seed(0)
+    h = torch.randn(29, 16, requires_grad=True)
+    w = torch.randn(203, 16, requires_grad=trained_w)
+    t = torch.randint(0, 203, (29,))
+    t[[0, 7]] = -100
+    t[1] = 200  # a target among the rows after the aligned part
+    weights = torch.rand(29)
+    loss = loss_mod._ChunkedLinearCrossEntropy.apply(h, w, t, weights, 203 * 8)
+    (loss * 0.5).backward()
+    assert calls == [203]
+    h2, w2 = h.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(trained_w)
+    ce = torch.nn.functional.cross_entropy(h2 @ w2.t(), t, ignore_index=-100, reduction="none")
+    ((ce * weights).sum() * 0.5).backward()
+    assert torch.allclose(loss * 0.5, (ce * weights).sum() * 0.5, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(h.grad, h2.grad, rtol=1e-5, atol=1e-6)
+    if trained_w:
+        assert torch.allclose(w.grad, w2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_aligned_rows_only_on_a_gpu_for_an_unaligned_vocabulary():
+    from internvl_lora.train.loss import _aligned_rows
+
+    cpu = torch.zeros(1)
+    assert _aligned_rows(151674, cpu) == 151674  # the CPU keeps one matmul
+
+    class Cuda:
+        is_cuda = True
+
+    assert _aligned_rows(151674, Cuda()) == 151616
+    assert _aligned_rows(151680, Cuda()) == 151680  # already a multiple of 64
+    assert _aligned_rows(50, Cuda()) == 50  # below one block: nothing to split
+
+
 def test_chunked_cross_entropy_computes_in_the_output_layers_dtype():
     """The Trainer's mixed precision hands the loss float32 hidden states (accelerate converts a model's
     outputs to float32) outside autocast, with a bfloat16 output layer: the chunks are computed in bfloat16
@@ -229,3 +271,26 @@ def test_chunked_loss_on_cuda_in_bf16_matches_logits_loss(tiny_items):
     (l0, g0), (l1, g1) = results
     assert abs(l0 - l1) <= 1e-2 * abs(l0), (l0, l1)
     assert torch.nn.functional.cosine_similarity(g0, g1, dim=0) > 0.99
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_chunked_loss_on_cuda_at_the_qwen2_vocabulary_matches_full_logits():
+    """On the GPU at InternVL's vocabulary (151,674 rows: split at 151,616 for the matmuls), bf16: loss and
+    hidden-state gradient agree with the full logits to bf16 rounding, over chunks with a short last one."""
+    from internvl_lora.train.loss import _ChunkedLinearCrossEntropy
+
+    torch.manual_seed(0)
+    vocab, width, n = 151674, 256, 500
+    h = (torch.randn(n, width, device="cuda") * 0.5).bfloat16().requires_grad_(True)
+    w = (torch.randn(vocab, width, device="cuda") * 0.05).bfloat16()
+    t = torch.randint(0, vocab, (n,), device="cuda")
+    t[:5] = torch.arange(vocab - 5, vocab, device="cuda")  # targets among the last rows
+    t[5] = -100
+    loss = _ChunkedLinearCrossEntropy.apply(h, w, t, None)  # 221 positions per chunk: 221, 221, 58
+    loss.backward()
+    hr = h.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy((hr @ w.t()).float(), t, ignore_index=-100, reduction="sum")
+    ref.backward()
+    assert torch.allclose(loss, ref, rtol=1e-4, atol=1e-2), (loss, ref)
+    assert torch.allclose(h.grad.float(), hr.grad.float(), rtol=2e-2, atol=2e-3)

@@ -131,6 +131,31 @@ def _deferred_head(model):
     return head if isinstance(head, DeferredHead) else None
 
 
+def _aligned_rows(vocab: int, hidden: torch.Tensor) -> int:
+    """How many vocabulary rows the chunk's large matmuls take (the rest in a small one): on a GPU the
+    vocabulary's last multiple of 64 when it is not one itself (151,674 in InternVL's Qwen2 tokenizers:
+    cuBLAS then picks kernels for unaligned rows, at well under half the matmul rate), else all of them."""
+    return vocab // 64 * 64 if hidden.is_cuda and vocab % 64 and vocab > 64 else vocab
+
+
+def _chunk_logits(h, w, buf, aligned: int):
+    """h @ w^T (rows x vocab) into `buf` (rows padded to a multiple of 64), the first `aligned` columns in a
+    matmul whose sizes and strides are multiples of 64."""
+    vocab = w.shape[0]
+    torch.mm(h, w[:aligned].t(), out=buf[:, :aligned])
+    if aligned < vocab:
+        torch.mm(h, w[aligned:].t(), out=buf[:, aligned:vocab])
+    return buf[:, :vocab]
+
+
+def _chunk_grad_h(g, w, out, aligned: int):
+    """g @ w into `out`, the reduction over the vocabulary split like `_chunk_logits` (g: a row-padded view)."""
+    vocab = w.shape[0]
+    torch.mm(g[:, :aligned], w[:aligned], out=out)
+    if aligned < vocab:
+        out.addmm_(g[:, aligned:vocab], w[aligned:])
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum_i w_i * CE(h_i W^T, t_i) without the (positions x vocab) logits: chunks of positions at a time.
 
@@ -138,6 +163,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     turned into float32 log-probabilities, and their gradient with respect to the hidden states (and to
     W, when it is trained) is computed right there; the backward only scales the stored gradients. Peak
     extra memory: a few float32 buffers of `chunk x vocab`. Targets equal to IGNORE_INDEX contribute 0.
+    On a GPU the chunk's 16-bit logits and gradient live in one buffer whose rows are padded to a
+    multiple of 64, and the matmuls take the vocabulary's aligned part and its few last rows separately
+    (`_aligned_rows`): the same products, at the matmul rate of aligned shapes.
     """
 
     @staticmethod
@@ -153,6 +181,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype)
         vocab = w.shape[0]
         chunk = max(1, chunk_elements // vocab)
+        aligned = _aligned_rows(vocab, hidden)
+        buf = None
+        if aligned < vocab:
+            buf = torch.empty(min(chunk, hidden.shape[0]), -(-vocab // 64) * 64, dtype=dtype, device=hidden.device)
         valid = target != IGNORE_INDEX
         safe = torch.where(valid, target, torch.zeros_like(target))
         scale = valid.float() if weights is None else weights.float() * valid
@@ -162,7 +194,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(dev, enabled=False):
             for a in range(0, hidden.shape[0], chunk):
                 h, t, s = hidden[a:a + chunk], safe[a:a + chunk], scale[a:a + chunk]
-                z = (h @ w.t()).float()  # the chunk's logits; everything below works in place on this buffer
+                if buf is None:
+                    z = (h @ w.t()).float()  # the chunk's logits; everything below works in place on this buffer
+                else:
+                    z = _chunk_logits(h, w, buf[:len(h)], aligned).float()
                 picked = z.gather(1, t[:, None]).squeeze(1)
                 top = z.amax(dim=-1, keepdim=True)
                 z.sub_(top).exp_()
@@ -171,9 +206,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 total += ((lse - picked) * s).sum()
                 z.div_(norm)  # softmax; d CE / d logits = softmax - onehot, times the position's weight
                 z[torch.arange(len(t), device=t.device), t] -= 1.0
-                g = z.mul_(s[:, None]).to(dtype)
-                del z
-                grad_h[a:a + chunk] = g @ w
+                z.mul_(s[:, None])
+                if buf is None:
+                    g = z.to(dtype)
+                    del z
+                    grad_h[a:a + chunk] = g @ w
+                else:
+                    g = buf[:len(h), :vocab]
+                    g.copy_(z)  # rounded to 16 bits into the padded buffer, over the chunk's logits
+                    del z
+                    _chunk_grad_h(buf[:len(h)], w, grad_h[a:a + chunk], aligned)
                 if grad_w is not None:
                     grad_w += (g.t() @ h).float()
         ctx.save_for_backward(grad_h, grad_w)
