@@ -95,7 +95,9 @@ def main():
     wall = t1 - t0
     print(f"window {wall / 1e3:.1f} ms, GPU busy {busy / 1e3:.1f} ms ({100 * busy / wall:.0f} %), "
           f"idle {(wall - busy) / 1e3:.1f} ms in {len(gaps)} gaps")
-    if not index:  # CUDA-only trace (no Python frames): the kernels on either side of each gap
+    if not index:  # no Python frames: the kernels on either side of each gap (and the host operator that
+        # launched the late one, where the trace has host operators)
+        ops = ops_index(ev)
         prev = {id(b): a for a, b in zip(gpu, gpu[1:])}
         by = collections.Counter()
         count = collections.Counter()
@@ -105,6 +107,9 @@ def main():
                 continue
             before = prev.get(id(e), {}).get("name", "?")[:60]
             key = f"{before}  ->  {e['name'][:60]}"
+            launch = launches.get(e.get("args", {}).get("correlation"))
+            if ops and launch:
+                key += f"  [ops: {' > '.join(ops_at(ops, launch['tid'], launch['ts'])[-3:])}]"
             by[key] += gap
             count[key] += 1
         for where, us in by.most_common(a.top):

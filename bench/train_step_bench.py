@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import random
 import sys
@@ -69,9 +70,29 @@ class Synthetic(torch.utils.data.Dataset):
         return item
 
 
+class GcPauses:
+    """Python's garbage collections while the timed steps run: count and seconds per generation (the
+    interpreter stops the host for each; a full collection over a large heap takes milliseconds)."""
+
+    def __init__(self):
+        self.on, self.started = False, None
+        self.count, self.seconds = [0, 0, 0], [0.0, 0.0, 0.0]
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self.started = time.perf_counter()
+        elif self.on and self.started is not None:
+            self.count[info["generation"]] += 1
+            self.seconds[info["generation"]] += time.perf_counter() - self.started
+
+    def summary(self, steps: int) -> dict:
+        return dict(gc_collections=self.count, gc_ms_per_step=round(1e3 * sum(self.seconds) / max(1, steps), 2),
+                    gc_full_ms=round(1e3 * self.seconds[2], 1))
+
+
 class Timer(TrainerCallback):
-    def __init__(self, warmup):
-        self.warmup, self.t0, self.steps = warmup, None, 0
+    def __init__(self, warmup, gc_pauses=None):
+        self.warmup, self.t0, self.steps, self.gc = warmup, None, 0, gc_pauses
 
     def on_step_begin(self, args, state, control, **kw):
         if state.global_step == self.warmup:
@@ -79,6 +100,8 @@ class Timer(TrainerCallback):
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             self.t0 = time.perf_counter()
+            if self.gc is not None:
+                self.gc.on = True
 
     def on_step_end(self, args, state, control, **kw):
         if state.global_step > self.warmup:
@@ -190,6 +213,7 @@ def timed_trainer(phases: Phases, timer):
 
 def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropout=0.05, fused=True, compile=False,
         budget=0, profile=False, chunked=True, phases=False, accum=1, timeline=0, sync_debug=False, max_grad_norm=1.0,
+        timeline_cpu=False,
         cudnn_sdpa=False, lora_kernels=True, fused_mlp=True, items=None):
     """ckpt: share of the LLM decoder layers recomputed (0 = no activation checkpointing, 1 = all, "auto" =
     planned from the free memory as train.checkpoint_layers=auto).
@@ -247,7 +271,8 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
     args.train_sampling_strategy = "sequential"  # the timed samples are known in order (token budgets: ours)
     args.save_strategy = SaveStrategy.NO  # the Trainer would otherwise save at the last step, inside the timing
     stats = StepStats()
-    timer = Timer(warmup)
+    pauses = GcPauses()
+    timer = Timer(warmup, pauses)
     # The training command's callbacks: the log line (every 10 steps, to stderr) and the watchdog.
     log = LogLine(stats, Path(out_dir), print_fn=lambda *x: print(*x, file=sys.stderr))
     watchdog = Watchdog(stats, model)
@@ -255,7 +280,7 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
     first = max(warmup, watchdog.lora_check_step)
     callbacks = [timer, log, watchdog] + ([Profile(first, out_dir)] if profile and cuda else [])
     if (timeline or sync_debug) and cuda:
-        callbacks.append(Timeline(first, out_dir, timeline or 1, sync_debug))
+        callbacks.append(Timeline(first, out_dir, timeline or 1, sync_debug, timeline_cpu))
     collator = PackedCollator() if packed else PadCollator(0)
     ph = Phases() if phases else None
     trainer_cls = InternVLTrainer
@@ -272,13 +297,17 @@ def run(size, mode, bs, steps, max_tiles, ckpt, liger, out_dir, warmup=3, dropou
     if ckpt == "auto" or 0 < ckpt < 1:
         share = _CheckpointShare(model, ckpt, budget or bs * max(lengths))
         trainer.add_callback(share)
-    trainer.train()
-    if cuda:
-        torch.cuda.synchronize()
+    gc.callbacks.append(pauses)
+    try:
+        trainer.train()
+        if cuda:
+            torch.cuda.synchronize()
+    finally:
+        gc.callbacks.remove(pauses)
     dt = time.perf_counter() - timer.t0
-    extra = {}
+    extra = pauses.summary(len(timed))
     if ph is not None:
-        extra = ph.summary(len(timed))
+        extra.update(ph.summary(len(timed)))
         extra["step_ms"] = round(dt * 1e3 / len(timed), 1)
     real = sum(len(i) for g in timed for i, _, _ in g)
     flops = sum(model_flops(cfg, g) for g in timed)
@@ -299,15 +328,16 @@ class Timeline(TrainerCallback):
     reports the GPU busy share of real steps and names the kernels around each idle gap. With
     `sync_debug`, torch warns (with the call site) at every host-device synchronization of one step."""
 
-    def __init__(self, warmup, out_dir, steps=4, sync_debug=False):
+    def __init__(self, warmup, out_dir, steps=4, sync_debug=False, cpu_ops=False):
         self.warmup, self.out_dir, self.steps, self.sync_debug, self.prof = warmup, out_dir, steps, sync_debug, None
+        self.cpu_ops = cpu_ops  # also the host's operators (no Python stacks): which one launched a late kernel
 
     def on_step_begin(self, args, state, control, **kw):
-        if state.global_step == self.warmup + 1 and self.prof is None:
+        if state.global_step == self.warmup and self.prof is None:  # steps warmup + 1 ... warmup + steps
             from torch.profiler import ProfilerActivity, profile
 
             torch.cuda.synchronize()
-            self.prof = profile(activities=[ProfilerActivity.CUDA])
+            self.prof = profile(activities=[ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if self.cpu_ops else []))
             self.prof.__enter__()
         if self.sync_debug and state.global_step == self.warmup + self.steps + 1:
             torch.cuda.set_sync_debug_mode("warn")
@@ -339,6 +369,7 @@ if __name__ == "__main__":
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (with --budget)")
     ap.add_argument("--phases", action="store_true", help="time the phases of a step (synchronizing after each)")
     ap.add_argument("--timeline", type=int, default=0, help="CUDA-only trace of this many steps (first configuration)")
+    ap.add_argument("--timeline-cpu", action="store_true", help="with --timeline: also the host's operators (no Python stacks)")
     ap.add_argument("--sync-debug", action="store_true", help="warn at each host-device sync of one step (first configuration)")
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     ap.add_argument("--out", default="runs/bench_train_step", help="trainer output folder (relative: to the current folder)")
@@ -367,7 +398,7 @@ if __name__ == "__main__":
         try:
             r = run(s, m, a.bs, a.steps, a.max_tiles, c, bool(lg), a.out, dropout=a.dropout, fused=bool(f),
                     compile=bool(cp), budget=b, profile=a.profile and k == 0, chunked=bool(ch), phases=a.phases, accum=a.accum,
-                    timeline=a.timeline if k == 0 else 0, sync_debug=a.sync_debug and k == 0,
+                    timeline=a.timeline if k == 0 else 0, timeline_cpu=a.timeline_cpu, sync_debug=a.sync_debug and k == 0,
                     max_grad_norm=a.max_grad_norm, cudnn_sdpa=a.cudnn_sdpa, lora_kernels=bool(a.lora_kernels),
                     fused_mlp=bool(a.fused_mlp))
         except Exception as e:  # one failing configuration must not hide the others

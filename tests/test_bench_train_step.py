@@ -31,6 +31,7 @@ def test_tiny_run_uses_the_training_commands_setup(bench, tmp_path):
     assert any(o.startswith("fused LoRA layers") for o in r["options"]) and "chunked loss" in r["options"]
     assert not list(tmp_path.glob("checkpoint-*"))  # nothing saved inside the timing
     assert (tmp_path / "metrics.jsonl").exists()  # the command's log line ran
+    assert len(r["gc_collections"]) == 3 and r["gc_ms_per_step"] >= 0  # the host's collector pauses, measured
 
 
 def test_finished_profile_writes_the_kernel_table_and_the_trace(bench, tmp_path):
