@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from internvl_lora.train.loss import _ChunkedLinearCrossEntropy
+from internvl_lora.train.loss import _ChunkedLinearCrossEntropy, _chunk_grad_h, _chunk_logits
 
 
 def timed(fn, device: str, n: int) -> float:
@@ -39,23 +39,6 @@ def timed(fn, device: str, n: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / n
 
 
-def split_logits(h, w, out, aligned):
-    """h @ w^T into `out` (rows padded to 64): the first `aligned` columns in one matmul whose sizes and
-    strides are all multiples of 64, the last few in a small one."""
-    torch.mm(h, w[:aligned].t(), out=out[:, :aligned])
-    if aligned < w.shape[0]:
-        torch.mm(h, w[aligned:].t(), out=out[:, aligned:w.shape[0]])
-    return out
-
-
-def split_grad(g, w, aligned):
-    """g @ w with the reduction over the vocabulary split the same way (g: rows padded to 64)."""
-    out = g[:, :aligned] @ w[:aligned]
-    if aligned < w.shape[0]:
-        out.addmm_(g[:, aligned:w.shape[0]], w[aligned:])
-    return out
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--vocab", type=int, default=151674)
@@ -72,13 +55,17 @@ def main():
         h = torch.randn(m, a.width, device=dev).to(dtype)
         t = torch.randint(0, a.vocab, (m,), device=dev)
         g = torch.randn(m, a.vocab, device=dev).to(dtype)
-        g_pad = torch.randn(m, padded, device=dev).to(dtype)[:, :a.vocab]
-        out_pad = torch.empty(m, padded, device=dev, dtype=dtype)[:, :a.vocab]
+        g_full = torch.randn(m, padded, device=dev).to(dtype)  # rows padded to 64, as the loss's buffer
+        g_pad = g_full[:, :a.vocab]
+        out_full = torch.empty(m, padded, device=dev, dtype=dtype)
+        out_pad = out_full[:, :a.vocab]
         torch.mm(h, w.t(), out=out_pad)
         assert torch.equal(out_pad, h @ w.t())  # the padded output holds the same product
-        ref = (h.float() @ w.float().t())
-        assert torch.allclose(split_logits(h, w, out_pad, aligned).float(), ref, atol=2e-2, rtol=2e-2)
-        assert torch.allclose(split_grad(g_pad, w, aligned).float(), g_pad.float() @ w.float(), atol=0.5, rtol=2e-2)
+        grad_out = torch.empty(m, a.width, device=dev, dtype=dtype)
+        ref = h.float() @ w.float().t()
+        assert torch.allclose(_chunk_logits(h, w, out_full, aligned).float(), ref, atol=2e-2, rtol=2e-2)
+        _chunk_grad_h(g_full, w, grad_out, aligned)
+        assert torch.allclose(grad_out.float(), g_pad.float() @ w.float(), atol=0.5, rtol=2e-2)
         r = dict(positions=m, vocab=a.vocab, width=a.width, device=dev,
                  loss_ms=timed(lambda: _ChunkedLinearCrossEntropy.apply(h, w, t, None), dev, a.iters),
                  loss_chunk4x_ms=timed(lambda: _ChunkedLinearCrossEntropy.apply(h, w, t, None, 2**27), dev, a.iters),
@@ -86,8 +73,8 @@ def main():
                  logits_padded_ms=timed(lambda: torch.mm(h, w.t(), out=out_pad), dev, a.iters),
                  grad_ms=timed(lambda: g @ w, dev, a.iters),
                  grad_padded_ms=timed(lambda: g_pad @ w, dev, a.iters),
-                 logits_split_ms=timed(lambda: split_logits(h, w, out_pad, aligned), dev, a.iters),
-                 grad_split_ms=timed(lambda: split_grad(g_pad, w, aligned), dev, a.iters))
+                 logits_split_ms=timed(lambda: _chunk_logits(h, w, out_full, aligned), dev, a.iters),
+                 grad_split_ms=timed(lambda: _chunk_grad_h(g_full, w, grad_out, aligned), dev, a.iters))
         print(json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in r.items()}), flush=True)
 
 
