@@ -139,8 +139,8 @@ def _aligned_rows(vocab: int, hidden: torch.Tensor) -> int:
 
 
 def _chunk_logits(h, w, buf, aligned: int):
-    """h @ w^T (rows x vocab) into `buf` (rows padded to a multiple of 64), the first `aligned` columns in a
-    matmul whose sizes and strides are multiples of 64."""
+    """h @ w^T (rows x vocab) into `buf` (rows at least vocab long), the first `aligned` columns in one
+    matmul (on a GPU: sizes and strides multiples of 64), the rest in another."""
     vocab = w.shape[0]
     torch.mm(h, w[:aligned].t(), out=buf[:, :aligned])
     if aligned < vocab:
@@ -163,9 +163,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     turned into float32 log-probabilities, and their gradient with respect to the hidden states (and to
     W, when it is trained) is computed right there; the backward only scales the stored gradients. Peak
     extra memory: a few float32 buffers of `chunk x vocab`. Targets equal to IGNORE_INDEX contribute 0.
-    On a GPU the chunk's 16-bit logits and gradient live in one buffer whose rows are padded to a
-    multiple of 64, and the matmuls take the vocabulary's aligned part and its few last rows separately
-    (`_aligned_rows`): the same products, at the matmul rate of aligned shapes.
+    A chunk's logits and then its gradient live in one buffer in the compute dtype; on a GPU its rows are
+    padded to a multiple of 64 and the matmuls take the vocabulary's aligned part and its few last rows
+    separately (`_aligned_rows`): the same products, at the matmul rate of aligned shapes.
     """
 
     @staticmethod
@@ -182,9 +182,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         vocab = w.shape[0]
         chunk = max(1, chunk_elements // vocab)
         aligned = _aligned_rows(vocab, hidden)
-        buf = None
-        if aligned < vocab:
-            buf = torch.empty(min(chunk, hidden.shape[0]), -(-vocab // 64) * 64, dtype=dtype, device=hidden.device)
+        # one chunk's 16-bit logits, then its gradient; rows padded to 64 where the matmuls are split
+        width = vocab if aligned == vocab else -(-vocab // 64) * 64
+        buf = torch.empty(min(chunk, hidden.shape[0]), width, dtype=dtype, device=hidden.device)
         valid = target != IGNORE_INDEX
         safe = torch.where(valid, target, torch.zeros_like(target))
         scale = valid.float() if weights is None else weights.float() * valid
@@ -194,10 +194,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(dev, enabled=False):
             for a in range(0, hidden.shape[0], chunk):
                 h, t, s = hidden[a:a + chunk], safe[a:a + chunk], scale[a:a + chunk]
-                if buf is None:
-                    z = (h @ w.t()).float()  # the chunk's logits; everything below works in place on this buffer
-                else:
-                    z = _chunk_logits(h, w, buf[:len(h)], aligned).float()
+                # the chunk's logits in float32; everything below works in place on this buffer
+                z = _chunk_logits(h, w, buf[:len(h)], aligned).float()
                 picked = z.gather(1, t[:, None]).squeeze(1)
                 top = z.amax(dim=-1, keepdim=True)
                 z.sub_(top).exp_()
@@ -206,16 +204,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 total += ((lse - picked) * s).sum()
                 z.div_(norm)  # softmax; d CE / d logits = softmax - onehot, times the position's weight
                 z[torch.arange(len(t), device=t.device), t] -= 1.0
-                z.mul_(s[:, None])
-                if buf is None:
-                    g = z.to(dtype)
-                    del z
-                    grad_h[a:a + chunk] = g @ w
-                else:
-                    g = buf[:len(h), :vocab]
-                    g.copy_(z)  # rounded to 16 bits into the padded buffer, over the chunk's logits
-                    del z
-                    _chunk_grad_h(buf[:len(h)], w, grad_h[a:a + chunk], aligned)
+                g = buf[:len(h), :vocab]
+                g.copy_(z.mul_(s[:, None]))  # rounded to the compute dtype, over the chunk's logits
+                del z
+                _chunk_grad_h(buf[:len(h)], w, grad_h[a:a + chunk], aligned)
                 if grad_w is not None:
                     grad_w += (g.t() @ h).float()
         ctx.save_for_backward(grad_h, grad_w)
