@@ -99,5 +99,6 @@ def main():
                  grad_split_ms=timed(lambda: _chunk_grad_h(g_full, w, grad_out, aligned), dev, a.iters))
         print(json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in r.items()}), flush=True)
 
+
 if __name__ == "__main__":
     main()
