@@ -27,8 +27,47 @@ def test_keep_mask_is_bernoulli_per_element_and_seeded():
     assert not torch.equal(m, kernels.dropout_keep_mask(1000, 3584, 1235, 0.05, "cuda"))
     # neighbours (in a row, in a column, eight columns apart: the halves of one Philox call) are
     # independent: P(both kept) ~ (1 - p)^2
-    for a, b in ((m[:, :-1], m[:, 1:]), (m[:-1], m[1:]), (m[:, :-8], m[:, 8:]), (m[:, :-kernels.G], m[:, kernels.G:])):
+    # and so are the masks of two adjacent seeds
+    other = kernels.dropout_keep_mask(1000, 3584, 1235, 0.05, "cuda")
+    for a, b in ((m[:, :-1], m[:, 1:]), (m[:-1], m[1:]), (m[:, :-8], m[:, 8:]), (m[:, :-kernels.G], m[:, kernels.G:]),
+                 (m, other)):
         assert abs((a & b).float().mean().item() - 0.95**2) < 0.002
+    # each of the eight 16-bit halves of a Philox draw keeps at the rate asked (3584 = 14 blocks of 8 G columns)
+    per_half = m.view(1000, -1, 8, kernels.G).float().mean(dim=(0, 1, 3))
+    assert ((per_half - 0.95).abs() < 0.002).all(), per_half  # (6 standard errors)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_kernels_read_a_and_gh_in_place_with_their_row_strides():
+    """A and gh are read where they are (any row stride, adjacent columns): no transposed or contiguous
+    copy is made per call, and the results equal those on contiguous copies."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    bf, p, seed, t, k, r = torch.bfloat16, 0.05, 7, 1000, 3584, 16
+    x = torch.randn(t, k, device="cuda", dtype=bf)
+    a = (torch.randn(r, k + 64, device="cuda", dtype=bf) / 10)[:, 32:32 + k]  # rows k + 64 apart
+    gh = torch.randn(t, r + 8, device="cuda", dtype=bf)[:, 4:4 + r]
+    assert not a.is_contiguous() and not gh.is_contiguous()
+    with Ops() as ops:
+        got = (kernels.lora_a_forward(x, a, seed, p, 2.0), kernels.lora_a_grad(gh, x, seed, p),
+               kernels.lora_input_grad(gh, a, seed, p))
+    copies = [n for n in ops.names if n.split(".")[0] in ("clone", "copy_", "_to_copy", "contiguous")]
+    assert not copies, copies
+    want = (kernels.lora_a_forward(x, a.contiguous(), seed, p, 2.0), kernels.lora_a_grad(gh.contiguous(), x, seed, p),
+            kernels.lora_input_grad(gh.contiguous(), a.contiguous(), seed, p))
+    for g, w in zip(got, want):
+        assert close(g, w, 1e-5)  # (float32 partial sums added atomically: their order may differ)
 
 
 @pytest.mark.gpu

@@ -1,7 +1,7 @@
 """The Triton source of `internvl_lora.lora.kernels` (imported only when the kernels are used: it needs triton).
 
 The keep-mask: columns go in blocks of 8G; in block kb, element (row, kb*8G + j*G + g) is kept when the
-j-th 16-bit half of Philox(seed, (row * blocks + kb) * G + g) is >= thr. One Philox call thus serves eight
+j-th 16-bit half of Philox(seed, (row * blocks + kb) * G + g) (ROUNDS rounds) is >= thr. One Philox call thus serves eight
 elements, and every kernel reads a block as eight (rows x G) parts, one per half -- no reshuffling.
 """
 
@@ -10,18 +10,18 @@ import triton.language as tl
 
 
 @triton.jit
-def _halves(seed, off):
-    r0, r1, r2, r3 = tl.randint4x(seed, off)
+def _halves(seed, off, ROUNDS: tl.constexpr):
+    r0, r1, r2, r3 = tl.randint4x(seed, off, ROUNDS)
     return (r0 & 0xFFFF, r0 >> 16, r1 & 0xFFFF, r1 >> 16, r2 & 0xFFFF, r2 >> 16, r3 & 0xFFFF, r3 >> 16)
 
 
 @triton.jit
-def _fwd_part(acc, x_ptr, at_ptr, rows, row_ok, cols, K, stride_x, ranks, R, half, thr):
+def _fwd_part(acc, x_ptr, a_ptr, rows, row_ok, cols, K, stride_x, stride_a, ranks, R, half, thr):
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < K),
                 other=0.0)
     x = x * (half >= thr).to(x.dtype)  # (a select on the 1-bit mask would pass it through shared memory)
-    a = tl.load(at_ptr + cols[:, None] * R + ranks[None, :], mask=(cols[:, None] < K) & (ranks[None, :] < R),
-                other=0.0)  # (G, BR): a tile of A^T (contiguous)
+    a = tl.load(a_ptr + ranks[None, :] * stride_a + cols[:, None], mask=(cols[:, None] < K) & (ranks[None, :] < R),
+                other=0.0)  # (G, BR): a tile of A^T, read from A where it is (no transposed copy)
     return tl.dot(x, a, acc)
 
 
@@ -29,10 +29,10 @@ def _fwd_part(acc, x_ptr, at_ptr, rows, row_ok, cols, K, stride_x, ranks, R, hal
 # Triton would compile a kernel again whenever one of them is 1 or a multiple of 16 for the first time, a
 # stall of a training step in the middle of a run.
 @triton.jit(do_not_specialize=["T", "seed", "blocks_per_split"])
-def forward_kernel(x_ptr, at_ptr, out_ptr, T, K, R, seed, thr, scale, stride_x, blocks_per_split,
-                   BM: tl.constexpr, G: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr):
+def forward_kernel(x_ptr, a_ptr, out_ptr, T, K, R, seed, thr, scale, stride_x, stride_a, blocks_per_split,
+                   BM: tl.constexpr, G: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr, ROUNDS: tl.constexpr):
     """out[rows] (+)= scale * (x * keep) @ A^T over this program's column blocks; float32 (T x R).
-    A^T comes as a contiguous (K x R) tensor."""
+    A is (R x K) with unit column stride."""
     pid_m, pid_s = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     row_ok = rows < T
@@ -41,16 +41,16 @@ def forward_kernel(x_ptr, at_ptr, out_ptr, T, K, R, seed, thr, scale, stride_x, 
     nkb = tl.cdiv(K, 8 * G)
     acc = tl.zeros((BM, BR), dtype=tl.float32)
     for kb in range(pid_s * blocks_per_split, tl.minimum(pid_s * blocks_per_split + blocks_per_split, nkb)):
-        h0, h1, h2, h3, h4, h5, h6, h7 = _halves(seed, (rows[:, None] * nkb + kb) * G + g[None, :])
+        h0, h1, h2, h3, h4, h5, h6, h7 = _halves(seed, (rows[:, None] * nkb + kb) * G + g[None, :], ROUNDS)
         c = kb * 8 * G + g
-        acc = _fwd_part(acc, x_ptr, at_ptr, rows, row_ok, c, K, stride_x, ranks, R, h0, thr)
-        acc = _fwd_part(acc, x_ptr, at_ptr, rows, row_ok, c + G, K, stride_x, ranks, R, h1, thr)
-        acc = _fwd_part(acc, x_ptr, at_ptr, rows, row_ok, c + 2 * G, K, stride_x, ranks, R, h2, thr)
-        acc = _fwd_part(acc, x_ptr, at_ptr, rows, row_ok, c + 3 * G, K, stride_x, ranks, R, h3, thr)
-        acc = _fwd_part(acc, x_ptr, at_ptr, rows, row_ok, c + 4 * G, K, stride_x, ranks, R, h4, thr)
-        acc = _fwd_part(acc, x_ptr, at_ptr, rows, row_ok, c + 5 * G, K, stride_x, ranks, R, h5, thr)
-        acc = _fwd_part(acc, x_ptr, at_ptr, rows, row_ok, c + 6 * G, K, stride_x, ranks, R, h6, thr)
-        acc = _fwd_part(acc, x_ptr, at_ptr, rows, row_ok, c + 7 * G, K, stride_x, ranks, R, h7, thr)
+        acc = _fwd_part(acc, x_ptr, a_ptr, rows, row_ok, c, K, stride_x, stride_a, ranks, R, h0, thr)
+        acc = _fwd_part(acc, x_ptr, a_ptr, rows, row_ok, c + G, K, stride_x, stride_a, ranks, R, h1, thr)
+        acc = _fwd_part(acc, x_ptr, a_ptr, rows, row_ok, c + 2 * G, K, stride_x, stride_a, ranks, R, h2, thr)
+        acc = _fwd_part(acc, x_ptr, a_ptr, rows, row_ok, c + 3 * G, K, stride_x, stride_a, ranks, R, h3, thr)
+        acc = _fwd_part(acc, x_ptr, a_ptr, rows, row_ok, c + 4 * G, K, stride_x, stride_a, ranks, R, h4, thr)
+        acc = _fwd_part(acc, x_ptr, a_ptr, rows, row_ok, c + 5 * G, K, stride_x, stride_a, ranks, R, h5, thr)
+        acc = _fwd_part(acc, x_ptr, a_ptr, rows, row_ok, c + 6 * G, K, stride_x, stride_a, ranks, R, h6, thr)
+        acc = _fwd_part(acc, x_ptr, a_ptr, rows, row_ok, c + 7 * G, K, stride_x, stride_a, ranks, R, h7, thr)
     acc *= scale
     ptrs = out_ptr + rows[:, None] * R + ranks[None, :]
     ok = row_ok[:, None] & (ranks[None, :] < R)
@@ -83,8 +83,9 @@ def _grad_a_store(out_ptr, acc, ranks, R, cols, K, scale, SPLIT: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["T", "seed", "rows_per_split"])
-def grad_a_kernel(ght_ptr, x_ptr, u_ptr, out_ptr, T, K, R, seed, thr, scale, stride_x, rows_per_split,
-                  BT: tl.constexpr, G: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr, SWIGLU: tl.constexpr):
+def grad_a_kernel(gh_ptr, x_ptr, u_ptr, out_ptr, T, K, R, seed, thr, scale, stride_x, stride_gh, rows_per_split,
+                  BT: tl.constexpr, G: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr, SWIGLU: tl.constexpr,
+                  ROUNDS: tl.constexpr):
     """out[:, block] (+)= scale * gh^T @ (x * keep) over this program's rows; float32 (R x K). With SWIGLU,
     x = silu(gate) * up from x_ptr (the gate) and u_ptr (up, the same strides), never written out."""
     kb, pid_s = tl.program_id(0), tl.program_id(1)
@@ -104,9 +105,9 @@ def grad_a_kernel(ght_ptr, x_ptr, u_ptr, out_ptr, T, K, R, seed, thr, scale, str
     for t0 in range(pid_s * rows_per_split, t_end, BT):
         rows = t0 + tl.arange(0, BT)
         row_ok = rows < t_end
-        gh_t = tl.load(ght_ptr + ranks[:, None] * T + rows[None, :], mask=(ranks[:, None] < R) & row_ok[None, :],
-                       other=0.0)  # (BR, BT), from the contiguous (R x T) gh^T
-        h0, h1, h2, h3, h4, h5, h6, h7 = _halves(seed, (rows[:, None] * nkb + kb) * G + g[None, :])
+        gh_t = tl.load(gh_ptr + rows[None, :] * stride_gh + ranks[:, None], mask=(ranks[:, None] < R) & row_ok[None, :],
+                       other=0.0)  # (BR, BT): a tile of gh^T, read from the (T x R) gh (no transposed copy)
+        h0, h1, h2, h3, h4, h5, h6, h7 = _halves(seed, (rows[:, None] * nkb + kb) * G + g[None, :], ROUNDS)
         a0 = _grad_a_part(a0, gh_t, x_ptr, u_ptr, rows, row_ok, c, K, stride_x, h0, thr, SWIGLU)
         a1 = _grad_a_part(a1, gh_t, x_ptr, u_ptr, rows, row_ok, c + G, K, stride_x, h1, thr, SWIGLU)
         a2 = _grad_a_part(a2, gh_t, x_ptr, u_ptr, rows, row_ok, c + 2 * G, K, stride_x, h2, thr, SWIGLU)
@@ -136,8 +137,8 @@ def _grad_x_part(out_ptr, gh, a_ptr, rows, row_ok, cols, K, stride_out, stride_a
 
 
 @triton.jit(do_not_specialize=["T", "seed"])
-def grad_x_kernel(out_ptr, gh_ptr, a_ptr, T, K, R, seed, thr, scale, stride_out, stride_a,
-                  BM: tl.constexpr, G: tl.constexpr, BR: tl.constexpr):
+def grad_x_kernel(out_ptr, gh_ptr, a_ptr, T, K, R, seed, thr, scale, stride_out, stride_a, stride_gh,
+                  BM: tl.constexpr, G: tl.constexpr, BR: tl.constexpr, ROUNDS: tl.constexpr):
     """out[rows, block] = scale * (gh @ A) * keep (written, not added)."""
     pid_m, kb = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -145,8 +146,9 @@ def grad_x_kernel(out_ptr, gh_ptr, a_ptr, T, K, R, seed, thr, scale, stride_out,
     g = tl.arange(0, G)
     ranks = tl.arange(0, BR)
     nkb = tl.cdiv(K, 8 * G)
-    gh = tl.load(gh_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & (ranks[None, :] < R), other=0.0)
-    h0, h1, h2, h3, h4, h5, h6, h7 = _halves(seed, (rows[:, None] * nkb + kb) * G + g[None, :])
+    gh = tl.load(gh_ptr + rows[:, None] * stride_gh + ranks[None, :], mask=row_ok[:, None] & (ranks[None, :] < R),
+                 other=0.0)
+    h0, h1, h2, h3, h4, h5, h6, h7 = _halves(seed, (rows[:, None] * nkb + kb) * G + g[None, :], ROUNDS)
     c = kb * 8 * G + g
     _grad_x_part(out_ptr, gh, a_ptr, rows, row_ok, c, K, stride_out, stride_a, ranks, R, h0, thr, scale)
     _grad_x_part(out_ptr, gh, a_ptr, rows, row_ok, c + G, K, stride_out, stride_a, ranks, R, h1, thr, scale)
@@ -165,14 +167,14 @@ def _mask_part(out_ptr, rows, row_ok, cols, K, half, thr):
 
 
 @triton.jit(do_not_specialize=["T", "seed"])
-def mask_kernel(out_ptr, T, K, seed, thr, BM: tl.constexpr, G: tl.constexpr):
+def mask_kernel(out_ptr, T, K, seed, thr, BM: tl.constexpr, G: tl.constexpr, ROUNDS: tl.constexpr):
     """The keep-mask itself (int8), for tests."""
     pid_m, kb = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     row_ok = rows < T
     g = tl.arange(0, G)
     nkb = tl.cdiv(K, 8 * G)
-    h0, h1, h2, h3, h4, h5, h6, h7 = _halves(seed, (rows[:, None] * nkb + kb) * G + g[None, :])
+    h0, h1, h2, h3, h4, h5, h6, h7 = _halves(seed, (rows[:, None] * nkb + kb) * G + g[None, :], ROUNDS)
     c = kb * 8 * G + g
     _mask_part(out_ptr, rows, row_ok, c, K, h0, thr)
     _mask_part(out_ptr, rows, row_ok, c + G, K, h1, thr)

@@ -3,8 +3,9 @@
 With dropout, a LoRA layer computes `dropout(x) @ A^T`. torch's path writes a dropped copy of the layer
 input and a mask, the matmul reads the copy back, and the backward draws both again and reads them
 again: about a dozen passes over a (tokens x in_features) tensor per LoRA layer, for a rank-16 product.
-Here the keep-mask is a function of (seed, element index) -- Philox, eight 16-bit draws per call (see
-`_triton`) -- recomputed wherever it is needed, so each kernel reads x once:
+Here the keep-mask is a function of (seed, element index) -- Philox4x32 with `PHILOX_ROUNDS` rounds, eight
+16-bit draws per call (see `_triton`) -- recomputed wherever it is needed, so each kernel reads x once, and
+A and gh are read where they are (any row stride), never copied:
 
 - `lora_a_forward(x, A, seed, p, scale)`: scale * (x * keep / (1 - p)) @ A^T, tokens x r, float32;
 - `lora_a_grad(gh, x, seed, p)`: gh^T @ (x * keep / (1 - p)), the gradient of A, r x in, float32 (with
@@ -42,6 +43,11 @@ def new_seed() -> int:
     """A seed for one dropout mask, from torch's default (CPU) generator: no GPU work, no sync."""
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
+
+# Philox rounds per draw. 7 is the fewest with which Philox4x32 passed TestU01's BigCrush in its authors'
+# tests (Salmon et al., SC 2011; their default of 10 adds a margin). A 16-bit keep/drop decision asks far
+# less of it, and the draws bound these kernels: 7 rounds are ~30 % less of that work.
+PHILOX_ROUNDS = 7
 
 G = 32  # columns per mask part; a mask block is 8 * G columns (one Philox call per row and 8 columns)
 
@@ -91,6 +97,11 @@ def _launch(name: str, grid, *args, **meta):
                         "set train.lora_kernels=false to run the LoRA layers and the SwiGLU on torch's kernels") from e
 
 
+def _unit_columns(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its columns are adjacent (any row stride: the kernels take it), else a copy."""
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
 def _rank_block(r: int) -> int:
     return max(16, 1 << (r - 1).bit_length())
 
@@ -130,8 +141,9 @@ def lora_a_forward(x: torch.Tensor, a: torch.Tensor, seed: int, p: float, scale:
     split = _cdiv(nkb, per)
     out = (torch.zeros if split > 1 else torch.empty)(t, r, dtype=torch.float32, device=x.device)
     _launch("forward_kernel", (blocks, split),
-        x, a.t().contiguous(), out, t, k, r, seed, threshold(p), scale * keep_scale(p), x.stride(0), per,
-        BM=bm, G=G, BR=_rank_block(r), SPLIT=split > 1, num_warps=cfg["warps"], num_stages=cfg["stages"])
+        x, a, out, t, k, r, seed, threshold(p), scale * keep_scale(p), x.stride(0), a.stride(0), per,
+        BM=bm, G=G, BR=_rank_block(r), SPLIT=split > 1, ROUNDS=PHILOX_ROUNDS, num_warps=cfg["warps"],
+        num_stages=cfg["stages"])
     return out
 
 
@@ -144,7 +156,7 @@ def lora_a_grad(gh: torch.Tensor, x: torch.Tensor, seed: int, p: float, up: torc
         raise ValueError(f"lora_a_grad: gate {tuple(x.shape)} {x.stride()} and up {tuple(up.shape)} {up.stride()} differ")
     cfg = _config("grad_a", k)
     r = gh.shape[1]
-    ght = gh.t().contiguous()  # (r x tokens): the kernel reads it by rows
+    gh = _unit_columns(gh)
     bt = cfg["rows"]
     nkb, steps = _cdiv(k, 8 * G), _cdiv(t, bt)
     split = _split(nkb, steps, cfg["per_sm"], x.device)
@@ -152,9 +164,9 @@ def lora_a_grad(gh: torch.Tensor, x: torch.Tensor, seed: int, p: float, up: torc
     split = _cdiv(t, per)
     out = (torch.zeros if split > 1 else torch.empty)(r, k, dtype=torch.float32, device=x.device)
     _launch("grad_a_kernel", (nkb, split),
-        ght, x, x if up is None else up, out, t, k, r, seed, threshold(p), keep_scale(p), x.stride(0), per,
-        BT=bt, G=G, BR=_rank_block(r), SPLIT=split > 1, SWIGLU=up is not None, num_warps=cfg["warps"],
-        num_stages=cfg["stages"])
+        gh, x, x if up is None else up, out, t, k, r, seed, threshold(p), keep_scale(p), x.stride(0), gh.stride(0),
+        per, BT=bt, G=G, BR=_rank_block(r), SPLIT=split > 1, SWIGLU=up is not None, ROUNDS=PHILOX_ROUNDS,
+        num_warps=cfg["warps"], num_stages=cfg["stages"])
     return out
 
 
@@ -163,12 +175,12 @@ def lora_input_grad(gh: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> t
     t, r = gh.shape
     k = a.shape[1]
     cfg = _config("grad_x", k)
-    gh = gh.contiguous()
+    gh, a = _unit_columns(gh), _unit_columns(a)
     out = torch.empty(t, k, dtype=gh.dtype, device=gh.device)
     bm = cfg["rows"]
     _launch("grad_x_kernel", (_cdiv(t, bm), _cdiv(k, 8 * G)),
-        out, gh, a, t, k, r, seed, threshold(p), keep_scale(p), out.stride(0), a.stride(0),
-        BM=bm, G=G, BR=_rank_block(r), num_warps=cfg["warps"], num_stages=cfg["stages"])
+        out, gh, a, t, k, r, seed, threshold(p), keep_scale(p), out.stride(0), a.stride(0), gh.stride(0),
+        BM=bm, G=G, BR=_rank_block(r), ROUNDS=PHILOX_ROUNDS, num_warps=cfg["warps"], num_stages=cfg["stages"])
     return out
 
 
@@ -196,5 +208,6 @@ def swiglu_backward_(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
 def dropout_keep_mask(t: int, k: int, seed: int, p: float, device) -> torch.Tensor:
     """The (t x k) keep-mask the kernels use for `seed` (bool), for tests."""
     out = torch.empty(t, k, dtype=torch.int8, device=device)
-    _kernels().mask_kernel[(_cdiv(t, 64), _cdiv(k, 8 * G))](out, t, k, seed, threshold(p), BM=64, G=G)
+    _kernels().mask_kernel[(_cdiv(t, 64), _cdiv(k, 8 * G))](out, t, k, seed, threshold(p), BM=64, G=G,
+                                                             ROUNDS=PHILOX_ROUNDS)
     return out.bool()
