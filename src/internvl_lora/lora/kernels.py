@@ -44,10 +44,10 @@ def new_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
-# Philox rounds per draw. 7 is the fewest with which Philox4x32 passed TestU01's BigCrush in its authors'
-# tests (Salmon et al., SC 2011; their default of 10 adds a margin). A 16-bit keep/drop decision asks far
-# less of it, and the draws bound these kernels: 7 rounds are ~30 % less of that work.
-PHILOX_ROUNDS = 7
+# Philox4x32 rounds per draw: the generator's standard 10 (torch's and Triton's too). 7 rounds made the three
+# kernels 6 % faster on an H100 (0.6 % of the 8B step's GPU time; docs/benchmarks.md, 2026-12-07) -- not
+# worth leaving the standard margin or changing the masks that runs already drew.
+PHILOX_ROUNDS = 10
 
 G = 32  # columns per mask part; a mask block is 8 * G columns (one Philox call per row and 8 columns)
 
