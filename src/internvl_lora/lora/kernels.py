@@ -45,7 +45,7 @@ def new_seed() -> int:
 
 
 # Philox4x32 rounds per draw: the generator's standard 10 (torch's and Triton's too). 7 rounds made the three
-# kernels 6 % faster on an H100 (0.6 % of the 8B step's GPU time; docs/benchmarks.md, 2026-12-07) -- not
+# kernels 7 % faster on an H100 (0.6 % of the 8B step's GPU time; docs/benchmarks.md, 2026-12-07) -- not
 # worth leaving the standard margin or changing the masks that runs already drew.
 PHILOX_ROUNDS = 10
 
