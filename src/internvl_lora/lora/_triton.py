@@ -1,8 +1,8 @@
 """The Triton source of `internvl_lora.lora.kernels` (imported only when the kernels are used: it needs triton).
 
 The keep-mask: columns go in blocks of 8G; in block kb, element (row, kb*8G + j*G + g) is kept when the
-j-th 16-bit half of Philox(seed, (row * blocks + kb) * G + g) (ROUNDS rounds) is >= thr. One Philox call thus serves eight
-elements, and every kernel reads a block as eight (rows x G) parts, one per half -- no reshuffling.
+j-th 16-bit half of Philox(seed, (row * blocks + kb) * G + g), ROUNDS rounds, is >= thr. One Philox call thus
+serves eight elements, and every kernel reads a block as eight (rows x G) parts, one per half -- no reshuffling.
 """
 
 import triton
