@@ -12,6 +12,7 @@ bit mask: 0x4 = software power cap (the card at its power limit), 0x0 = none.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 
@@ -55,9 +56,7 @@ def phases(samples: list[dict], marks: list[tuple[str, float]], loaded: float) -
         if not busy:
             continue
         mhz, watts = [s["sm_mhz"] for s in busy], [s["watts"] for s in busy]
-        reasons: dict[str, int] = {}
-        for s in busy:
-            reasons[s["reasons"]] = reasons.get(s["reasons"], 0) + 1
+        reasons = collections.Counter(s["reasons"] for s in busy)
         out.append({"phase": name, "seconds": round(end - start, 1), "loaded_samples": len(busy),
                     "sm_mhz_median": statistics.median(mhz), "sm_mhz_p10": _pct(mhz, 0.1),
                     "sm_mhz_p90": _pct(mhz, 0.9), "watts_median": round(statistics.median(watts), 1),
